@@ -1,0 +1,59 @@
+# fewlabels: `make setup`, then `make test`. Main commands: `make pretrain`, `make probe N=100`.
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+FEWLABELS := $(VENV)/bin/fewlabels
+TORCH     ?= torch==2.14.1 torchvision==0.29.1
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+
+METHOD   ?= simclr
+PRESET   ?=
+N        ?= 100
+STRATEGY ?= random
+PROBE    ?= all
+SEEDS    ?= 3
+TARGET   ?= 0.90
+CKPT     ?=
+ARGS     ?=
+CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
+
+.PHONY: setup data test lint pretrain probe curve search stats bench-pretrain clean-results
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# The Debian package when we can install it; otherwise the loader downloads the official files.
+data: $(VENV)/.installed
+	@if [ ! -d $(DATASET_DIR) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "apt-get could not install dataset-fashion-mnist; downloading instead"; fi
+	$(FEWLABELS) data prepare
+
+lint:
+	$(VENV)/bin/ruff check fewlabels tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+pretrain:
+	$(FEWLABELS) pretrain method=$(METHOD) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
+
+probe:
+	$(FEWLABELS) probe n=$(N) strategy=$(STRATEGY) probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
+
+curve:
+	$(FEWLABELS) curve probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
+
+search:
+	$(FEWLABELS) search search.target=$(TARGET) strategy=$(STRATEGY) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
+
+stats:
+	$(FEWLABELS) oracle stats
+
+bench-pretrain:
+	$(PY) benchmarks/bench_pretrain.py $(ARGS)

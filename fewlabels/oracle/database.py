@@ -1,0 +1,230 @@
+"""The label database: the only way a training label reaches code, and every reveal is counted.
+
+SQLite in WAL mode. ``labels(image_id, label)`` is filled once from the official training
+label file; ``queries(run_id, image_id, purpose, queried_at)`` gets one row per label revealed
+to a run, written in the same transaction that reads the label and committed before the label
+is returned. So a process killed at any point leaves a consistent file, and every label it was
+told is on record. A run's cost is its number of distinct ids: asking again is free.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fewlabels.data.fashion_mnist import data_root, read_train_labels_for_label_database
+
+SCHEMA = """
+CREATE TABLE labels (image_id INTEGER PRIMARY KEY, label INTEGER NOT NULL);
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, budget INTEGER, created_at REAL NOT NULL);
+CREATE TABLE queries (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    image_id INTEGER NOT NULL REFERENCES labels(image_id),
+    purpose TEXT NOT NULL,
+    queried_at REAL NOT NULL,
+    PRIMARY KEY (run_id, image_id)
+);
+"""
+
+
+class BudgetExceeded(RuntimeError):
+    """A query would reveal more labels than the run's budget allows; nothing was revealed."""
+
+
+class LabelDatabaseError(RuntimeError):
+    """The database URL or file is not usable."""
+
+
+def default_url() -> str:
+    return os.environ.get("FEWLABELS_LABEL_DB", f"sqlite:///{data_root() / 'labels.sqlite'}")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a SQLAlchemy-style ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        scheme = url.split(":", 1)[0]
+        raise LabelDatabaseError(
+            f"label database URL {url!r}: only 'sqlite:///PATH' is implemented (got scheme "
+            f"{scheme!r}). Set FEWLABELS_LABEL_DB to e.g. sqlite:///data/labels.sqlite."
+        )
+    return Path(url[len(prefix):])
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses no commit
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def ensure_database(url: str | None = None) -> Path:
+    """Create the database from the training label file if it does not exist yet."""
+    path = sqlite_path(url or default_url())
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = read_train_labels_for_label_database()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.building")
+    tmp.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp)
+    try:
+        conn.executescript(SCHEMA)
+        conn.executemany("INSERT INTO labels VALUES (?, ?)",
+                         ((i, int(y)) for i, y in enumerate(labels)))
+        conn.commit()
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+    try:
+        os.link(tmp, path)  # atomic, and never replaces a database another process made
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _validate_ids(ids: Iterable[int], n_images: int) -> list[int]:
+    values = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    out = []
+    for value in values:
+        if isinstance(value, np.integer):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"image ids must be integers, got {value!r} ({type(value).__name__})")
+        if not 0 <= value < n_images:
+            raise ValueError(f"image id {value} is out of range: ids are 0..{n_images - 1}")
+        out.append(value)
+    if len(set(out)) != len(out):
+        seen: set[int] = set()
+        dupes = sorted({v for v in out if v in seen or seen.add(v)})
+        raise ValueError(f"image ids repeated within one query: {dupes[:10]}; pass each id once")
+    return out
+
+
+class Oracle:
+    """Labels for a run, counted against its budget (``None``: no budget)."""
+
+    def __init__(self, run_id: str, budget: int | None = None, url: str | None = None,
+                 purpose: str = "probe") -> None:
+        if not run_id:
+            raise ValueError("run_id must be a non-empty string")
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget must be >= 0 or None, got {budget}")
+        self.run_id, self.purpose = run_id, purpose
+        self._conn = _connect(ensure_database(url))
+        self._n_images = self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
+                               (run_id, budget, time.time()))
+            stored = self._conn.execute("SELECT budget FROM runs WHERE run_id = ?",
+                                        (run_id,)).fetchone()[0]
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        if stored != budget:
+            raise ValueError(f"run {run_id!r} was created with budget {stored}, not {budget}: "
+                             "pass the same budget or use a new run id")
+        self.budget = budget
+
+    @property
+    def used(self) -> int:
+        """Distinct labels revealed to this run so far."""
+        return self._conn.execute("SELECT COUNT(*) FROM queries WHERE run_id = ?",
+                                  (self.run_id,)).fetchone()[0]
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self.used
+
+    def query(self, ids: Sequence[int] | np.ndarray, purpose: str | None = None) -> np.ndarray:
+        """Labels of ``ids`` (same order). New ids are recorded and counted before returning."""
+        wanted = _validate_ids(ids, self._n_images)
+        if not wanted:
+            return np.zeros(0, dtype=np.int64)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")  # one writer at a time: the budget check cannot race
+        try:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (pos INTEGER, image_id INTEGER)")
+            conn.execute("DELETE FROM wanted")
+            conn.executemany("INSERT INTO wanted VALUES (?, ?)", enumerate(wanted))
+            (n_new,) = conn.execute(
+                "SELECT COUNT(*) FROM wanted w WHERE NOT EXISTS (SELECT 1 FROM queries q "
+                "WHERE q.run_id = ? AND q.image_id = w.image_id)", (self.run_id,)).fetchone()
+            (n_used,) = conn.execute("SELECT COUNT(*) FROM queries WHERE run_id = ?",
+                                     (self.run_id,)).fetchone()
+            if self.budget is not None and n_used + n_new > self.budget:
+                raise BudgetExceeded(
+                    f"run {self.run_id!r}: this query needs {n_new} new labels but only "
+                    f"{self.budget - n_used} of the budget of {self.budget} remain; nothing "
+                    "was revealed. Ask for fewer ids or raise the budget with a new run id.")
+            conn.execute(
+                "INSERT OR IGNORE INTO queries SELECT ?, image_id, ?, ? FROM wanted",
+                (self.run_id, purpose or self.purpose, time.time()))
+            rows = conn.execute("SELECT l.label FROM wanted w JOIN labels l "
+                                "ON l.image_id = w.image_id ORDER BY w.pos").fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Oracle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class RunStats:
+    run_id: str
+    budget: int | None
+    labels_revealed: int
+    first_query: float | None
+    last_query: float | None
+
+
+def stats(url: str | None = None, run_id: str | None = None) -> list[RunStats]:
+    """Labels revealed per run (optionally one run), read without building anything."""
+    path = sqlite_path(url or default_url())
+    if not path.exists():
+        raise LabelDatabaseError(f"no label database at {path}; it is created on the first query")
+    conn = _connect(path)
+    try:
+        sql = ("SELECT r.run_id, r.budget, COUNT(q.image_id), MIN(q.queried_at), "
+               "MAX(q.queried_at) FROM runs r LEFT JOIN queries q ON q.run_id = r.run_id")
+        args: tuple[str, ...] = ()
+        if run_id is not None:
+            sql, args = sql + " WHERE r.run_id = ?", (run_id,)
+        rows = conn.execute(sql + " GROUP BY r.run_id ORDER BY r.created_at", args).fetchall()
+    finally:
+        conn.close()
+    if run_id is not None and not rows:
+        raise LabelDatabaseError(f"no run {run_id!r} in {path}")
+    return [RunStats(*row) for row in rows]
+
+
+def distinct_ids_revealed(run_ids: Iterable[str], url: str | None = None) -> int:
+    """Distinct images whose label was revealed to any of ``run_ids``."""
+    conn = _connect(ensure_database(url))
+    try:
+        ids = list(run_ids)
+        marks = ",".join("?" * len(ids)) or "NULL"
+        return conn.execute(f"SELECT COUNT(DISTINCT image_id) FROM queries "
+                            f"WHERE run_id IN ({marks})", ids).fetchone()[0]
+    finally:
+        conn.close()

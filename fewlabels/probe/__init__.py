@@ -1,0 +1,1 @@
+"""Probes: select -> query -> fit -> evaluate."""

@@ -1,0 +1,229 @@
+"""``probe``, ``curve`` and ``search``: select -> query -> fit -> evaluate, per seed, logged to W&B.
+
+Each seed is one replicate with its own oracle run id
+(``<tag><checkpoint>/<strategy>/n<N>/seed<S>``): asking again under the same id costs nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fewlabels.data import load_test_set, load_train_images
+from fewlabels.files import atomic_path, write_json_atomic
+from fewlabels.oracle import Oracle, distinct_ids_revealed
+from fewlabels.probe.features import Checkpoint, features, newest_checkpoint, open_checkpoint
+from fewlabels.probe.fit import KNNProbe, LinearProbe, evaluate, unit_features
+from fewlabels.probe.select import select
+from fewlabels.tracking import wandb_mode
+
+PROBES = ("linear", "knn")
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Unit features of the unlabeled training images and of the test images."""
+
+    ckpt: Checkpoint
+    train: np.ndarray
+    test: np.ndarray
+
+
+def embedded(cfg: DictConfig) -> Embedded:
+    ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
+    train_images = load_train_images().images[: cfg.pool_limit]
+    train, test = features(ckpt, train_images, load_test_set().images, cfg.feature_batch_size,
+                           cfg.device)
+    return Embedded(ckpt, *unit_features(train, test))
+
+
+def probe_names(choice: str) -> tuple[str, ...]:
+    if choice == "all":
+        return PROBES
+    if choice not in PROBES:
+        raise ValueError(f"probe={choice!r}: use 'linear', 'knn' or 'all'")
+    return (choice,)
+
+
+def make_probe(name: str, cfg: DictConfig) -> LinearProbe | KNNProbe:
+    if name == "linear":
+        return LinearProbe(C=cfg.linear.C, max_iter=cfg.linear.max_iter)
+    return KNNProbe(k=cfg.knn.k, temperature=cfg.knn.temperature)
+
+
+def oracle_run_id(cfg: DictConfig, ckpt: Checkpoint, strategy: str, n: int, seed: int) -> str:
+    return f"{cfg.run_tag}{ckpt.name}/{strategy}/n{n}/seed{seed}"
+
+
+def fit_predict(cfg: DictConfig, emb: Embedded, strategy: str, n: int, seed: int,
+                probes: tuple[str, ...], oracle: Oracle) -> dict[str, np.ndarray]:
+    """Select from features, query exactly those ids, fit each probe; test predictions only."""
+    ids = select(strategy, emb.train, n, seed, cfg.typiclust.neighbors,
+                 cfg.typiclust.minibatch_above)
+    labels = oracle.query(ids)
+    return {name: make_probe(name, cfg).fit(emb.train[ids], labels).predict(emb.test)
+            for name in probes}
+
+
+def run_seed(cfg: DictConfig, emb: Embedded, test_labels: np.ndarray, strategy: str, n: int,
+             seed: int, probes: tuple[str, ...]) -> list[dict[str, Any]]:
+    run_id = oracle_run_id(cfg, emb.ckpt, strategy, n, seed)
+    started = time.time()
+    with Oracle(run_id, budget=n, purpose="probe") as oracle:
+        predictions = fit_predict(cfg, emb, strategy, n, seed, probes, oracle)
+        n_queries = oracle.used
+    rows = [{"checkpoint": str(emb.ckpt.folder), "checkpoint_sha256": emb.ckpt.sha256,
+             "strategy": strategy, "probe": name, "n": n, "n_queries": n_queries, "seed": seed,
+             "run_id": run_id, "seconds": round(time.time() - started, 2),
+             **evaluate(pred, test_labels)} for name, pred in predictions.items()]
+    write_json_atomic(Path(cfg.results_dir) / f"probe-{run_id.replace('/', '-')}.json", rows)
+    _log_probe_run(cfg, emb.ckpt, run_id, rows)
+    return rows
+
+
+def _wandb_init(cfg: DictConfig, **kwargs: Any) -> Any:
+    import wandb
+
+    Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.logger.project, dir=cfg.logger.dir,
+                      mode=wandb_mode(cfg.logger.mode), reinit="finish_previous",
+                      config=OmegaConf.to_container(cfg, resolve=True), **kwargs)
+
+
+def _log_probe_run(cfg: DictConfig, ckpt: Checkpoint, run_id: str,
+                   rows: list[dict[str, Any]]) -> None:
+    run = _wandb_init(cfg, group=ckpt.name, job_type="probe", name=run_id.replace("/", "-"))
+    for row in rows:
+        p = row["probe"]
+        run.summary.update({f"{p}/test_accuracy": row["test_accuracy"],
+                            **{f"{p}/class_{i}_accuracy": a
+                               for i, a in enumerate(row["per_class_accuracy"])}})
+    run.summary.update({"n": rows[0]["n"], "n_queries": rows[0]["n_queries"],
+                        "strategy": rows[0]["strategy"], "seed": rows[0]["seed"],
+                        "oracle_run_id": run_id})
+    run.finish()
+
+
+def evaluate_n(cfg: DictConfig, emb: Embedded, test_labels: np.ndarray, strategy: str, n: int,
+               probes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """All seeds at one N; returns one summary row per probe."""
+    per_seed = [run_seed(cfg, emb, test_labels, strategy, n, cfg.first_seed + s, probes)
+                for s in range(cfg.seeds)]
+    summary = []
+    for i, name in enumerate(probes):
+        accs = np.array([rows[i]["test_accuracy"] for rows in per_seed])
+        summary.append({"n": n, "strategy": strategy, "probe": name, "seeds": cfg.seeds,
+                        "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if
+                        len(accs) > 1 else 0.0, "accuracies": accs.tolist(),
+                        "queries": int(sum(rows[i]["n_queries"] for rows in per_seed)),
+                        "run_ids": [rows[i]["run_id"] for rows in per_seed]})
+    return summary
+
+
+def _table(summary: list[dict[str, Any]]) -> str:
+    lines = [f"{'N':>6}  {'strategy':<10} {'probe':<7} {'test accuracy':>22}  queries"]
+    lines += [f"{r['n']:>6}  {r['strategy']:<10} {r['probe']:<7} "
+              f"{r['mean']:>8.2%} ± {r['std']:.2%} ({r['seeds']} seeds)  {r['queries']:>7}"
+              for r in summary]
+    return "\n".join(lines)
+
+
+def probe(cfg: DictConfig) -> list[dict[str, Any]]:
+    emb = embedded(cfg)
+    summary = evaluate_n(cfg, emb, load_test_set().labels, cfg.strategy, cfg.n,
+                         probe_names(cfg.probe))
+    print(f"checkpoint: {emb.ckpt.folder}\n{_table(summary)}")
+    return summary
+
+
+def curve(cfg: DictConfig) -> Path:
+    emb = embedded(cfg)
+    test_labels = load_test_set().labels
+    probes = probe_names(cfg.probe)
+    summary = [row for strategy in cfg.curve.strategies for n in cfg.curve.ns
+               for row in evaluate_n(cfg, emb, test_labels, strategy, n, probes)]
+    out = Path(cfg.results_dir) / f"curve-{cfg.run_tag}{emb.ckpt.name}"
+    with atomic_path(out.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
+        fields = ["n", "strategy", "probe", "seeds", "mean", "std", "queries"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(summary)
+    _plot(summary, out.with_suffix(".png"), emb.ckpt.name, cfg.search.target)
+    run = _wandb_init(cfg, group=emb.ckpt.name, job_type="curve", name=f"curve-{emb.ckpt.name}")
+    import wandb
+
+    fields = ["n", "strategy", "probe", "seeds", "mean", "std", "queries"]
+    run.log({"curve/table": wandb.Table(columns=fields,
+                                        data=[[r[k] for k in fields] for r in summary]),
+             "curve/plot": wandb.Image(str(out.with_suffix(".png")))})
+    run.finish()
+    print(f"{_table(summary)}\nwrote {out}.csv and {out}.png")
+    return out
+
+
+def _plot(summary: list[dict[str, Any]], path: Path, title: str, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["strategy"], r["probe"]) for r in summary}):
+        rows = sorted((r for r in summary if (r["strategy"], r["probe"]) == key),
+                      key=lambda r: r["n"])
+        ax.errorbar([r["n"] for r in rows], [r["mean"] for r in rows],
+                    yerr=[r["std"] for r in rows], marker="o", capsize=3, label=" / ".join(key))
+    ax.axhline(target, color="gray", linestyle="--", label=f"{target:.0%}")
+    ax.set(xscale="log", xlabel="labels queried (per seed)", ylabel="test accuracy",
+           title=f"label efficiency: {title}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def search(cfg: DictConfig) -> dict[str, Any]:
+    """Coarse grid, then bisection between the last failing and the first passing N.
+
+    Assumes accuracy grows with N between those two points (not guaranteed, and not checked).
+    """
+    emb = embedded(cfg)
+    test_labels = load_test_set().labels
+    probes = probe_names(cfg.search.probe)
+    target, strategy = cfg.search.target, cfg.strategy
+    tried: dict[int, dict[str, Any]] = {}
+
+    def passes(n: int) -> bool:
+        tried[n] = evaluate_n(cfg, emb, test_labels, strategy, n, probes)[0]
+        print(f"  N={n:>6}: {tried[n]['mean']:.2%} ± {tried[n]['std']:.2%}", flush=True)
+        return tried[n]["mean"] > target
+
+    grid = sorted(cfg.search.grid)
+    first_pass = next((n for n in grid if passes(n)), None)
+    if first_pass is not None:
+        lo = max((n for n in tried if n < first_pass), default=0)
+        hi = first_pass
+        while hi - lo > cfg.search.resolution:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+        first_pass = hi
+    run_ids = [rid for row in tried.values() for rid in row["run_ids"]]
+    result = {"checkpoint": str(emb.ckpt.folder), "strategy": strategy, "probe": probes[0],
+              "target": target, "smallest_n": first_pass, "seeds": cfg.seeds,
+              "tried": [tried[n] for n in sorted(tried)],
+              "queries_recorded": sum(r["queries"] for r in tried.values()),
+              "distinct_images_revealed": distinct_ids_revealed(run_ids)}
+    out = Path(cfg.results_dir) / f"search-{cfg.run_tag}{emb.ckpt.name}-{strategy}-{probes[0]}.json"
+    write_json_atomic(out, result)
+    found = f"N={first_pass}" if first_pass else f"not reached by N={grid[-1]}"
+    print(f"target {target:.0%} ({probes[0]} probe, {strategy}): {found}; "
+          f"{result['queries_recorded']} queries recorded in the label database for this "
+          f"search ({result['distinct_images_revealed']} distinct images). Wrote {out}")
+    return result

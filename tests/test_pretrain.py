@@ -1,0 +1,103 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewlabels.config import ConfigError, compose
+from fewlabels.data.fashion_mnist import FILES, locate
+from fewlabels.ssl.backbones import build_backbone
+from fewlabels.ssl.train import pretrain
+from fewlabels.tracking import offline_run_file, read_offline_run
+
+
+def _history(tmp: Path, ckpt: Path) -> list[dict]:
+    run_id = (ckpt / "wandb_run_id").read_text().strip()
+    return read_offline_run(offline_run_file(tmp / "wandb", run_id))["history"]
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_tiny_run_end_to_end(method, tmp_path, monkeypatch, tiny_config):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tiny_config(tmp_path, f"method={method}", "trainer.max_epochs=3")
+    ckpt = pretrain(cfg)
+
+    assert {p.name for p in ckpt.iterdir()} >= {"last.ckpt", "backbone.safetensors",
+                                                 "config.yaml", "provenance.json"}
+    backbone = build_backbone(compose("pretrain", ["preset=tiny"]).backbone)
+    backbone.load_state_dict(load_file(str(ckpt / "backbone.safetensors")))
+    assert backbone(torch.zeros(2, 1, 28, 28)).shape == (2, backbone.num_features)
+    provenance = json.loads((ckpt / "provenance.json").read_text())
+    assert provenance["epochs_completed"] == 3 and provenance["method"] == method
+    assert provenance["train_images_md5"] == FILES["train-images"].md5
+
+    history = _history(tmp_path, ckpt)
+    epoch_loss = [row["train/loss_epoch"] for row in history if "train/loss_epoch" in row]
+    assert len(epoch_loss) == 3 and all(map(torch.isfinite, torch.tensor(epoch_loss)))
+    assert epoch_loss[-1] < epoch_loss[0]
+    logged = set().union(*history)
+    assert {"health/rankme", "health/collapse_std", "train/images_per_sec_step",
+            "lr-SGD"} <= logged
+    if method == "byol":
+        assert "train/momentum" in logged
+    rankme = [row["health/rankme"] for row in history if "health/rankme" in row]
+    assert all(1 <= r <= backbone.num_features for r in rankme)
+
+
+def test_resume_continues_the_same_run(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ckpt = pretrain(tiny_config(tmp_path, "trainer.max_epochs=1"))
+    first = json.loads((ckpt / "provenance.json").read_text())
+    again = pretrain(tiny_config(tmp_path, "trainer.max_epochs=2"))
+    second = json.loads((again / "provenance.json").read_text())
+    assert again == ckpt and second["resumed_from"] == str(ckpt / "last.ckpt")
+    assert second["global_step"] == 2 * first["global_step"]
+    assert second["wandb_run_id"] == first["wandb_run_id"]
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}"))) == 2
+
+
+def test_bad_config_keys_say_what_is_wrong():
+    with pytest.raises(ConfigError, match=r"(?s)Could not override .trainer.max_epoch.*\+key=value"):
+        compose("pretrain", ["trainer.max_epoch=3"])
+    with pytest.raises(ConfigError, match="method"):
+        compose("pretrain", ["method=mocov9"])
+    cfg = compose("pretrain", ["preset=tiny", "backbone.name=vgg"])
+    with pytest.raises(ValueError, match="backbone.name='vgg'"):
+        build_backbone(cfg.backbone)
+
+
+NO_LABELS = """
+import os, sys
+def guard(event, args):
+    name = os.path.basename(str(args[0])) if event == "open" and args else ""
+    if "labels-idx1" in name or name.endswith(".sqlite") or name.endswith("test-labels.npy"):
+        print("OPENED", args[0], flush=True)
+        os._exit(99)
+    if event == "sqlite3.connect":
+        print("SQLITE", args, flush=True)
+        os._exit(98)
+sys.addaudithook(guard)
+from fewlabels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pretraining_reads_only_the_training_images(tmp_path):
+    only_images = tmp_path / "only-images"
+    only_images.mkdir()
+    (only_images / FILES["train-images"].filename).symlink_to(locate("train-images"))
+    env = {**os.environ, "FASHION_MNIST_DIR": str(only_images), "WANDB_MODE": "disabled",
+           "FEWLABELS_DATA": str(tmp_path / "data"),
+           "FEWLABELS_LABEL_DB": f"sqlite:///{tmp_path / 'absent.sqlite'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_LABELS, "pretrain", "preset=tiny", "trainer.max_epochs=1",
+         f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "OPENED" not in proc.stdout and "SQLITE" not in proc.stdout
+    assert (tmp_path / "ckpt" / "simclr-tiny-seed0" / "backbone.safetensors").is_file()
+    assert not (tmp_path / "absent.sqlite").exists()

@@ -1,0 +1,195 @@
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import DictConfig
+
+from fewlabels.cli import main as cli_main
+from fewlabels.config import compose
+from fewlabels.oracle import stats
+from fewlabels.oracle.database import sqlite_path
+from fewlabels.probe import features as features_module
+from fewlabels.probe import run as probe_run
+from fewlabels.probe.features import CheckpointError, open_checkpoint
+from fewlabels.probe.fit import KNNProbe, LinearProbe, evaluate
+from fewlabels.probe.select import cluster, select_random, select_typiclust
+from fewlabels.tracking import read_offline_run
+
+
+POOL = 8000  # select among the first 8,000 training images: the real data, a small slice
+
+
+def probe_config(ckpt: Path, tmp: Path, *overrides: str) -> DictConfig:
+    return compose("probe", [f"checkpoint={ckpt}", f"results_dir={tmp / 'results'}",
+                             f"logger.dir={tmp}", f"pool_limit={POOL}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def unit_features(tiny_checkpoint: Path) -> np.ndarray:
+    cfg = compose("probe", [f"checkpoint={tiny_checkpoint}", f"pool_limit={POOL}"])
+    return probe_run.embedded(cfg).train
+
+
+def test_random_selection_is_distinct_valid_deterministic_and_nested():
+    ids = select_random(100, 60000, seed=3)
+    assert len(set(ids.tolist())) == 100 and ids.min() >= 0 and ids.max() < 60000
+    assert np.array_equal(ids, select_random(100, 60000, seed=3))
+    assert not np.array_equal(ids, select_random(100, 60000, seed=4))
+    assert np.array_equal(select_random(40, 60000, seed=3), ids[:40])
+    with pytest.raises(ValueError, match="between 1 and 60000"):
+        select_random(0, 60000, seed=0)
+
+
+def test_typiclust_picks_one_typical_id_per_cluster(unit_features):
+    x = unit_features
+    ids = select_typiclust(x, 30, seed=0)
+    assert len(set(ids.tolist())) == 30
+    assert np.array_equal(ids, select_typiclust(x, 30, seed=0))
+    assignment = cluster(x, 30, seed=0)
+    assert sorted(assignment[ids].tolist()) == sorted(set(assignment.tolist()))
+    # each pick is denser than a random member of its own cluster, on average
+    from fewlabels.probe.select import typicality
+    gaps = []
+    for i in ids:
+        members = np.flatnonzero(assignment == assignment[i])
+        t = typicality(x[members] / np.linalg.norm(x[members], axis=1, keepdims=True), 20)
+        gaps.append(t.max() - t.mean())
+    assert min(gaps) >= 0 and np.mean(gaps) > 0
+
+
+def test_knn_and_linear_probes_on_separable_toy_data():
+    rng = np.random.default_rng(0)
+    centers = np.eye(10, 16)
+    y = rng.integers(0, 10, 500)
+    x = centers[y] + 0.05 * rng.standard_normal((500, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    for probe in (LinearProbe(), KNNProbe(k=5)):
+        assert (probe.fit(x[:100], y[:100]).predict(x[100:]) == y[100:]).mean() > 0.98
+    result = evaluate(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
+    assert result["test_accuracy"] == 0.75
+    assert result["per_class_accuracy"][:3] == [1.0, 1.0, 0.5]
+    assert result["confusion_matrix"][2][1] == 1
+
+
+def test_probe_run_counts_queries_and_beats_chance(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = probe_config(tiny_checkpoint, tmp_path, "n=100", "seeds=2", "strategy=typiclust")
+    summary = probe_run.probe(cfg)
+    assert {r["probe"] for r in summary} == {"linear", "knn"}
+    for row in summary:
+        assert row["queries"] == 200 and row["mean"] > 0.4  # chance is 0.1
+    revealed = {s.run_id: s.labels_revealed for s in stats()}
+    assert revealed == {f"{tiny_checkpoint.name}/typiclust/n100/seed{s}": 100 for s in (0, 1)}
+    files = sorted((tmp_path / "results").glob("probe-*.json"))
+    assert len(files) == 2
+    rows = json.loads(files[0].read_text())
+    assert [r["probe"] for r in rows] == ["linear", "knn"]
+    assert rows[0]["n_queries"] == 100 and len(rows[0]["per_class_accuracy"]) == 10
+    offline = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 2
+    summary_logged = read_offline_run(offline[0])["summary"]
+    assert summary_logged["n_queries"] == 100
+    assert 0.4 < summary_logged["linear/test_accuracy"] <= 1
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    probe_run.probe(cfg)  # the same run ids again: no new label is revealed
+    assert {s.run_id: s.labels_revealed for s in stats()} == revealed
+    with sqlite3.connect(sqlite_path(os.environ["FEWLABELS_LABEL_DB"])) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM queries").fetchone()[0] == 200
+
+
+def test_test_labels_never_reach_selection_or_fitting(tiny_checkpoint, tmp_path, monkeypatch):
+    import inspect
+
+    assert "test_labels" not in inspect.signature(probe_run.fit_predict).parameters
+    cfg = probe_config(tiny_checkpoint, tmp_path, "n=40", "seeds=1", "strategy=typiclust")
+    emb = probe_run.embedded(cfg)
+    seen: dict[str, list] = {"queried": [], "predictions": []}
+
+    class Recorder:
+        def __init__(self, real):
+            self.real = real
+
+        def query(self, ids):
+            seen["queried"].append(np.asarray(ids).tolist())
+            return self.real.query(ids)
+
+    real_evaluate = probe_run.evaluate
+    monkeypatch.setattr(probe_run, "evaluate",
+                        lambda pred, labels: seen["predictions"].append(pred.tolist())
+                        or real_evaluate(pred, labels))
+    from fewlabels.oracle import Oracle
+    test_labels = probe_run.load_test_set().labels
+    for i, labels in enumerate((test_labels, np.random.default_rng(0).permutation(test_labels))):
+        with Oracle(f"structural-{i}", budget=40) as oracle:
+            preds = probe_run.fit_predict(cfg, emb, "typiclust", 40, 0, ("linear", "knn"),
+                                          Recorder(oracle))
+        for p in preds.values():
+            probe_run.evaluate(p, labels)
+    assert seen["queried"][0] == seen["queried"][1]
+    assert seen["predictions"][:2] == seen["predictions"][2:]
+
+
+def test_feature_cache_is_keyed_by_checkpoint_hash(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt_dir = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, ckpt_dir, ignore=shutil.ignore_patterns("features"))
+    images = probe_run.load_train_images().images[:300]
+    test_images = probe_run.load_test_set().images[:100]
+    first = features_module.features(open_checkpoint(ckpt_dir), images, test_images)
+    monkeypatch.setattr(features_module, "load_backbone", lambda c: pytest.fail("not cached"))
+    cached = features_module.features(open_checkpoint(ckpt_dir), images, test_images)
+    assert np.array_equal(first[0], cached[0])
+    monkeypatch.undo()
+    state = load_file(str(ckpt_dir / "backbone.safetensors"))
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(ckpt_dir / "backbone.safetensors"))
+    changed = features_module.features(open_checkpoint(ckpt_dir), images, test_images)
+    assert not np.allclose(first[0], changed[0])
+    assert len(list((ckpt_dir / "features").glob("*.npz"))) == 2
+
+
+def test_missing_or_corrupted_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    with pytest.raises(CheckpointError, match="backbone.safetensors is missing"):
+        open_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no checkpoint under .*make pretrain"):
+        probe_run.embedded(compose("probe", [f"checkpoint_dir={tmp_path / 'empty'}"]))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken, ignore=shutil.ignore_patterns("features"))
+    data = (broken / "backbone.safetensors").read_bytes()
+    (broken / "backbone.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be loaded.*corrupted"):
+        features_module.load_backbone(open_checkpoint(broken))
+    assert cli_main(["probe", f"checkpoint={broken}", "n=10", "seeds=1"]) == 2
+    assert "corrupted" in capsys.readouterr().err
+
+
+def test_curve_and_search_end_to_end(tiny_checkpoint, tmp_path):
+    cfg = probe_config(tiny_checkpoint, tmp_path, "seeds=2", "curve.ns=[10,40]",
+                       "curve.strategies=[random]", "probe=knn")
+    out = probe_run.curve(cfg)
+    lines = out.with_suffix(".csv").read_text().splitlines()
+    assert lines[0] == "n,strategy,probe,seeds,mean,std,queries" and len(lines) == 3
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    cfg = probe_config(tiny_checkpoint, tmp_path, "seeds=2", "run_tag=search-",
+                       "search.grid=[10,100]", "search.target=0.4", "search.resolution=30",
+                       "search.probe=knn")
+    result = probe_run.search(cfg)
+    tried = [t["n"] for t in result["tried"]]
+    assert tried[:2] == [10, 100] or 10 in tried and 100 in tried
+    assert result["smallest_n"] is not None and 10 < result["smallest_n"] <= 100
+    passing = {t["n"]: t["mean"] > 0.4 for t in result["tried"]}
+    assert passing[result["smallest_n"]] and not passing[max(n for n in passing
+                                                             if n < result["smallest_n"])]
+    in_db = sum(s.labels_revealed for s in stats() if s.run_id.startswith("search-"))
+    assert result["queries_recorded"] == in_db == 2 * sum(tried)
+    assert result["distinct_images_revealed"] <= in_db
