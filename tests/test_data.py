@@ -62,7 +62,8 @@ def test_corrupted_copy_fails_its_checksum(tmp_path, monkeypatch):
 def test_truncated_file_is_named_with_expected_shape(tmp_path, monkeypatch):
     path = _isolated_copy(tmp_path, monkeypatch, "test-labels")
     _rewrite(path, lambda raw: raw[:5000])
-    with pytest.raises(fm.DataFileError, match=r"t10k-labels.*expected shape \(10000,\).*truncated"):
+    with pytest.raises(fm.DataFileError,
+                       match=r"t10k-labels.*expected shape \(10000,\).*truncated"):
         fm.load_array("test-labels")
 
 

@@ -61,7 +61,8 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, tiny_config):
 
 
 def test_bad_config_keys_say_what_is_wrong():
-    with pytest.raises(ConfigError, match=r"(?s)Could not override .trainer.max_epoch.*\+key=value"):
+    with pytest.raises(ConfigError,
+                       match=r"(?s)Could not override .trainer.max_epoch.*\+key=value"):
         compose("pretrain", ["trainer.max_epoch=3"])
     with pytest.raises(ConfigError, match="method"):
         compose("pretrain", ["method=mocov9"])

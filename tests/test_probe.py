@@ -18,7 +18,6 @@ from fewlabels.probe.fit import KNNProbe, LinearProbe, evaluate
 from fewlabels.probe.select import cluster, select_random, select_typiclust
 from fewlabels.tracking import read_offline_run
 
-
 POOL = 8000  # select among the first 8,000 training images: the real data, a small slice
 
 
