@@ -1,0 +1,108 @@
+"""Pretraining throughput, measured side by side in one run (images/s, higher is better):
+
+(a) the shipped pretraining step: Lightning Trainer, DataLoader, batched on-device augmentation,
+    forward, backward, optimizer step;
+(b) the compute limit: the same model's loss, backward and step on ready-made views;
+(c) a lightly-example-style loop: per-image lightly transforms in DataLoader workers, same model.
+
+Prints a/b (goal >= 0.9) and a/c (goal >= 3).
+Usage: python benchmarks/bench_pretrain.py [--preset cpu|gpu] [--steps 20] [--method simclr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from fewlabels.config import compose
+from fewlabels.data import load_train_images
+from fewlabels.ssl.registry import method_class
+from fewlabels.ssl.train import make_loader
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.images = warmup, 0.0, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.images += batch.shape[0] if isinstance(batch, torch.Tensor) else len(batch[0])
+
+    def rate(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return self.images / (time.perf_counter() - self.start)
+
+
+def trainer_rate(cfg, images, steps: int, warmup: int) -> float:
+    module = method_class(cfg.method.name)(cfg)
+    if cfg.trainer.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(max_steps=steps + warmup, accelerator=cfg.trainer.accelerator,
+                         devices=1, precision=cfg.trainer.precision, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, make_loader(cfg, images))
+    return timer.rate()
+
+
+def compute_limit_rate(cfg, images, steps: int, warmup: int) -> float:
+    device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
+    module = method_class(cfg.method.name)(cfg).to(device)
+    if cfg.trainer.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    batch = torch.from_numpy(images[: cfg.data.batch_size]).to(device)
+    views = [v.contiguous(memory_format=torch.channels_last) if cfg.trainer.channels_last else v
+             for v in module.two_views(batch)]
+    autocast = torch.autocast(device, dtype=torch.bfloat16,
+                              enabled=cfg.trainer.precision.startswith("bf16"))
+    for i in range(steps + warmup):
+        if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with autocast:
+            loss = module.loss(*views)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--method", default="simclr")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    images = load_train_images().images
+    base = [f"preset={args.preset}", f"method={args.method}"]
+    shipped = compose("pretrain", base)
+    per_image = compose("pretrain", [*base, "data.augment=per_image"])
+
+    a = trainer_rate(shipped, images, args.steps, args.warmup)
+    b = compute_limit_rate(shipped, images, args.steps, args.warmup)
+    c = trainer_rate(per_image, images, args.steps, args.warmup)
+    print(f"\npreset={args.preset} method={args.method} batch={shipped.data.batch_size} "
+          f"backbone={shipped.backbone.name} steps={args.steps} (after {args.warmup} warm-up)")
+    print(f"(a) shipped step, batched augmentation : {a:9.0f} img/s")
+    print(f"(b) compute limit, ready views         : {b:9.0f} img/s")
+    print(f"(c) per-image lightly transforms, {per_image.data.num_workers} workers: {c:9.0f} img/s")
+    print(f"a/b = {a / b:.2f} (goal >= 0.9)    a/c = {a / c:.2f} (goal >= 3)")
+
+
+if __name__ == "__main__":
+    main()
