@@ -102,3 +102,18 @@ def test_pretraining_reads_only_the_training_images(tmp_path):
     assert "OPENED" not in proc.stdout and "SQLITE" not in proc.stdout
     assert (tmp_path / "ckpt" / "simclr-tiny-seed0" / "backbone.safetensors").is_file()
     assert not (tmp_path / "absent.sqlite").exists()
+
+
+def test_ddp_on_two_cpu_processes_with_gloo(tmp_path):
+    """Lightning re-launches the console script per rank, so this runs the real CLI."""
+    script = Path(sys.executable).parent / "fewlabels"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [str(script), "pretrain", "preset=tiny", "trainer.devices=2", "trainer.strategy=ddp",
+         "trainer.max_epochs=1", f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed_backend=gloo" in proc.stdout + proc.stderr
+    provenance = json.loads((tmp_path / "ckpt" / "simclr-tiny-seed0" /
+                             "provenance.json").read_text())
+    assert provenance["global_step"] == 384 // (64 * 2)  # each rank takes half of each epoch
