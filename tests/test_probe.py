@@ -14,7 +14,7 @@ from fewlabels.oracle.database import sqlite_path
 from fewlabels.probe import features as features_module
 from fewlabels.probe import run as probe_run
 from fewlabels.probe.features import CheckpointError, open_checkpoint
-from fewlabels.probe.fit import KNNProbe, LinearProbe, evaluate
+from fewlabels.probe.fit import KNNProbe, LabelPropagationProbe, LinearProbe, evaluate
 from fewlabels.probe.select import cluster, select_random, select_typiclust
 from fewlabels.tracking import read_offline_run
 
@@ -59,14 +59,29 @@ def test_typiclust_picks_one_typical_id_per_cluster(unit_features):
     assert min(gaps) >= 0 and np.mean(gaps) > 0
 
 
-def test_knn_and_linear_probes_on_separable_toy_data():
-    rng = np.random.default_rng(0)
-    centers = np.eye(10, 16)
-    y = rng.integers(0, 10, 500)
-    x = centers[y] + 0.05 * rng.standard_normal((500, 16))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    for probe in (LinearProbe(), KNNProbe(k=5)):
-        assert (probe.fit(x[:100], y[:100]).predict(x[100:]) == y[100:]).mean() > 0.98
+def _toy(n: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    x = np.eye(10, 16)[y] + noise * rng.standard_normal((n, 16))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_probes_on_separable_toy_data():
+    x, y = _toy(500, 0.05)
+    ids = np.arange(100)
+    for probe in (LinearProbe(), KNNProbe(k=5), LabelPropagationProbe(k=5, graph_k=10)):
+        assert (probe.fit(x[:400], ids, y[ids]).predict(x[400:]) == y[400:]).mean() > 0.98
+
+
+def test_label_propagation_uses_the_unlabeled_pool():
+    """Two labels per class: kNN over the labels alone errs where the unlabeled graph helps."""
+    x, y = _toy(3000, 0.2, seed=1)
+    ids = np.concatenate([np.flatnonzero(y == c)[:2] for c in range(10)])
+    pool, test, test_y = x[:2000], x[2000:], y[2000:]
+    ids = ids[ids < 2000]
+    knn = (KNNProbe(k=20).fit(pool, ids, y[ids]).predict(test) == test_y).mean()
+    lp = (LabelPropagationProbe(k=20).fit(pool, ids, y[ids]).predict(test) == test_y).mean()
+    assert lp > knn + 0.02 and lp > 0.99
     result = evaluate(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
     assert result["test_accuracy"] == 0.75
     assert result["per_class_accuracy"][:3] == [1.0, 1.0, 0.5]
@@ -77,7 +92,7 @@ def test_probe_run_counts_queries_and_beats_chance(tiny_checkpoint, tmp_path, mo
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = probe_config(tiny_checkpoint, tmp_path, "n=100", "seeds=2", "strategy=typiclust")
     summary = probe_run.probe(cfg)
-    assert {r["probe"] for r in summary} == {"linear", "knn"}
+    assert {r["probe"] for r in summary} == {"linear", "knn", "labelprop"}
     for row in summary:
         assert row["queries"] == 200 and row["mean"] > 0.4  # chance is 0.1
     revealed = {s.run_id: s.labels_revealed for s in stats()}
@@ -85,7 +100,7 @@ def test_probe_run_counts_queries_and_beats_chance(tiny_checkpoint, tmp_path, mo
     files = sorted((tmp_path / "results").glob("probe-*.json"))
     assert len(files) == 2
     rows = json.loads(files[0].read_text())
-    assert [r["probe"] for r in rows] == ["linear", "knn"]
+    assert [r["probe"] for r in rows] == ["linear", "knn", "labelprop"]
     assert rows[0]["n_queries"] == 100 and len(rows[0]["per_class_accuracy"]) == 10
     offline = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 2
@@ -124,12 +139,14 @@ def test_test_labels_never_reach_selection_or_fitting(tiny_checkpoint, tmp_path,
     test_labels = probe_run.load_test_set().labels
     for i, labels in enumerate((test_labels, np.random.default_rng(0).permutation(test_labels))):
         with Oracle(f"structural-{i}", budget=40) as oracle:
-            preds = probe_run.fit_predict(cfg, emb, "typiclust", 40, 0, ("linear", "knn"),
+            preds = probe_run.fit_predict(cfg, emb, "typiclust", 40, 0, probe_run.PROBES,
                                           Recorder(oracle))
         for p in preds.values():
             probe_run.evaluate(p, labels)
     assert seen["queried"][0] == seen["queried"][1]
-    assert seen["predictions"][:2] == seen["predictions"][2:]
+    n_probes = len(probe_run.PROBES)
+    assert len(seen["predictions"]) == 2 * n_probes
+    assert seen["predictions"][:n_probes] == seen["predictions"][n_probes:]
 
 
 def test_feature_cache_is_keyed_by_checkpoint_hash(tiny_checkpoint, tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def locate(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def download(name: str, directory: Path) -> Path:
-    """Fetch one official file (``FASHION_MNIST_URL`` overrides the base URL), verified before use."""
+    """Fetch one official file (``FASHION_MNIST_URL`` overrides the base URL) and verify it."""
     from tqdm import tqdm
 
     spec = FILES[name]

@@ -1,5 +1,7 @@
-"""Probes fit on the queried labels only: logistic regression and a weighted kNN; and evaluation,
-the one place test labels are read."""
+"""Probes fit on the queried labels only: logistic regression, a weighted kNN, and label
+propagation over the unlabeled training images; and evaluation, the one place test labels are
+read. Every probe is ``fit(pool, ids, labels)``: ``pool`` holds the unit features of all training
+images, ``ids`` the queried ones, ``labels`` what the label database answered."""
 
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ class LinearProbe:
     C: float = 1.0
     max_iter: int = 2000
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> LinearProbe:
+    def fit(self, pool: np.ndarray, ids: np.ndarray, y: np.ndarray) -> LinearProbe:
         from sklearn.linear_model import LogisticRegression
 
+        x = pool[ids]
         self._scale = np.sqrt(x.shape[1])  # unit vectors -> per-dimension scale ~1
         self._model = LogisticRegression(C=self.C, max_iter=self.max_iter)
         if len(np.unique(y)) == 1:  # one class seen: nothing to separate
@@ -52,20 +55,75 @@ class KNNProbe:
     k: int = 20
     temperature: float = 0.07
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> KNNProbe:
-        self._x, self._y = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    def fit(self, pool: np.ndarray, ids: np.ndarray, y: np.ndarray) -> KNNProbe:
+        self._x = torch.from_numpy(pool[ids])
+        self._scores = torch.nn.functional.one_hot(torch.from_numpy(y.astype(np.int64)),
+                                                   N_CLASSES).float()
         return self
 
     @torch.no_grad()
     def predict(self, x: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """Each of the top-k neighbours adds exp(sim / T) times its class scores."""
         k = min(self.k, len(self._x))
         preds = []
         for block in torch.from_numpy(x).split(chunk):
             sims, idx = (block @ self._x.T).topk(k, dim=1)
-            votes = torch.zeros(len(block), N_CLASSES)
-            votes.scatter_add_(1, self._y[idx], (sims / self.temperature).exp())
-            preds.append(votes.argmax(dim=1))
+            weights = (sims / self.temperature).exp().unsqueeze(-1)
+            preds.append((weights * self._scores[idx]).sum(dim=1).argmax(dim=1))
         return torch.cat(preds).numpy()
+
+
+@torch.no_grad()
+def knn_graph(pool: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine similarities of each pool point's ``k`` nearest other points."""
+    x = torch.from_numpy(pool)
+    neighbours, sims = [], []
+    for start in range(0, len(x), chunk):
+        block = x[start:start + chunk] @ x.T
+        block[torch.arange(len(block)), torch.arange(start, start + len(block))] = -2.0
+        s, i = block.topk(min(k, len(x) - 1), dim=1)
+        neighbours.append(i)
+        sims.append(s)
+    return torch.cat(neighbours).numpy(), torch.cat(sims).numpy()
+
+
+@dataclass
+class LabelPropagationProbe(KNNProbe):
+    """Labels diffused over the kNN graph of all training images (Zhou et al., 2004; Iscen et
+    al., 2019: edge weight sim^gamma, symmetric normalization, conjugate gradient), then the
+    kNN vote of :class:`KNNProbe` over every training image's diffused class scores."""
+
+    graph_k: int = 20
+    alpha: float = 0.99
+    gamma: float = 3.0
+    iterations: int = 20
+    graph: tuple[np.ndarray, np.ndarray] | None = None  # knn_graph(pool, graph_k), reusable
+
+    def fit(self, pool: np.ndarray, ids: np.ndarray, y: np.ndarray) -> LabelPropagationProbe:
+        from scipy.sparse import csr_matrix, diags, eye
+        from scipy.sparse.linalg import cg
+
+        if self.graph is None:
+            self.graph = knn_graph(pool, self.graph_k)
+        neighbours, sims = self.graph
+        n, k = neighbours.shape
+        rows = np.repeat(np.arange(n), k)
+        w = csr_matrix((np.clip(sims, 0, None).ravel() ** self.gamma, (rows, neighbours.ravel())),
+                       shape=(n, n))
+        w = w + w.T
+        d = 1.0 / np.sqrt(np.asarray(w.sum(axis=1)).ravel().clip(min=1e-12))
+        system = eye(n) - self.alpha * (diags(d) @ w @ diags(d))
+        scores = np.zeros((n, N_CLASSES), dtype=np.float64)
+        for c in range(N_CLASSES):
+            target = np.zeros(n)
+            target[ids[y == c]] = 1.0
+            if target.any():
+                scores[:, c], _ = cg(system, target, maxiter=self.iterations)
+        scores = scores.clip(min=0)
+        scores /= scores.sum(axis=1, keepdims=True).clip(min=1e-12)
+        self._x = torch.from_numpy(pool)
+        self._scores = torch.from_numpy(scores.astype(np.float32))
+        return self
 
 
 def evaluate(predictions: np.ndarray, test_labels: np.ndarray) -> dict[str, object]:

@@ -19,11 +19,18 @@ from fewlabels.data import load_test_set, load_train_images
 from fewlabels.files import atomic_path, write_json_atomic
 from fewlabels.oracle import Oracle, distinct_ids_revealed
 from fewlabels.probe.features import Checkpoint, features, newest_checkpoint, open_checkpoint
-from fewlabels.probe.fit import KNNProbe, LinearProbe, evaluate, unit_features
+from fewlabels.probe.fit import (
+    KNNProbe,
+    LabelPropagationProbe,
+    LinearProbe,
+    evaluate,
+    knn_graph,
+    unit_features,
+)
 from fewlabels.probe.select import select
 from fewlabels.tracking import wandb_mode
 
-PROBES = ("linear", "knn")
+PROBES = ("linear", "knn", "labelprop")
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,18 @@ class Embedded:
     ckpt: Checkpoint
     train: np.ndarray
     test: np.ndarray
+
+    def graph(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """kNN graph of the training features, cached beside the features."""
+        name = f"{self.ckpt.sha256[:20]}-{len(self.train)}-knn{k}.npz"
+        path = self.ckpt.folder / "features" / name
+        if path.is_file():
+            with np.load(path) as saved:
+                return saved["neighbours"], saved["sims"]
+        neighbours, sims = knn_graph(self.train, k)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, neighbours=neighbours, sims=sims)
+        return neighbours, sims
 
 
 def embedded(cfg: DictConfig) -> Embedded:
@@ -47,14 +66,19 @@ def probe_names(choice: str) -> tuple[str, ...]:
     if choice == "all":
         return PROBES
     if choice not in PROBES:
-        raise ValueError(f"probe={choice!r}: use 'linear', 'knn' or 'all'")
+        raise ValueError(f"probe={choice!r}: use one of {', '.join(PROBES)} or 'all'")
     return (choice,)
 
 
-def make_probe(name: str, cfg: DictConfig) -> LinearProbe | KNNProbe:
+def make_probe(name: str, cfg: DictConfig, emb: Embedded) -> LinearProbe | KNNProbe:
     if name == "linear":
         return LinearProbe(C=cfg.linear.C, max_iter=cfg.linear.max_iter)
-    return KNNProbe(k=cfg.knn.k, temperature=cfg.knn.temperature)
+    if name == "knn":
+        return KNNProbe(k=cfg.knn.k, temperature=cfg.knn.temperature)
+    lp = cfg.labelprop
+    return LabelPropagationProbe(k=cfg.knn.k, temperature=cfg.knn.temperature,
+                                 graph_k=lp.graph_k, alpha=lp.alpha, gamma=lp.gamma,
+                                 iterations=lp.iterations, graph=emb.graph(lp.graph_k))
 
 
 def oracle_run_id(cfg: DictConfig, ckpt: Checkpoint, strategy: str, n: int, seed: int) -> str:
@@ -67,7 +91,7 @@ def fit_predict(cfg: DictConfig, emb: Embedded, strategy: str, n: int, seed: int
     ids = select(strategy, emb.train, n, seed, cfg.typiclust.neighbors,
                  cfg.typiclust.minibatch_above)
     labels = oracle.query(ids)
-    return {name: make_probe(name, cfg).fit(emb.train[ids], labels).predict(emb.test)
+    return {name: make_probe(name, cfg, emb).fit(emb.train, ids, labels).predict(emb.test)
             for name in probes}
 
 
