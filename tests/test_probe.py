@@ -14,7 +14,7 @@ from fewlabels.oracle.database import sqlite_path
 from fewlabels.probe import features as features_module
 from fewlabels.probe import run as probe_run
 from fewlabels.probe.features import CheckpointError, open_checkpoint
-from fewlabels.probe.fit import KNNProbe, LabelPropagationProbe, LinearProbe, evaluate
+from fewlabels.probe.fit import KNNProbe, LabelPropagationProbe, LinearProbe, evaluate, top_k
 from fewlabels.probe.select import cluster, select_random, select_typiclust
 from fewlabels.tracking import read_offline_run
 
@@ -82,6 +82,11 @@ def test_label_propagation_uses_the_unlabeled_pool():
     knn = (KNNProbe(k=20).fit(pool, ids, y[ids]).predict(test) == test_y).mean()
     lp = (LabelPropagationProbe(k=20).fit(pool, ids, y[ids]).predict(test) == test_y).mean()
     assert lp > knn + 0.02 and lp > 0.99
+    cached = LabelPropagationProbe(k=20, query_neighbours=top_k(test, pool, 20))
+    assert np.array_equal(cached.fit(pool, ids, y[ids]).predict(test),
+                          LabelPropagationProbe(k=20).fit(pool, ids, y[ids]).predict(test))
+    with pytest.raises(ValueError, match="other queries"):
+        cached.predict(test[:10])
     result = evaluate(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
     assert result["test_accuracy"] == 0.75
     assert result["per_class_accuracy"][:3] == [1.0, 1.0, 0.5]

@@ -61,30 +61,35 @@ class KNNProbe:
                                                    N_CLASSES).float()
         return self
 
-    @torch.no_grad()
-    def predict(self, x: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.vote(*top_k(x, self._x.numpy(), min(self.k, len(self._x))))
+
+    def vote(self, neighbours: np.ndarray, sims: np.ndarray) -> np.ndarray:
         """Each of the top-k neighbours adds exp(sim / T) times its class scores."""
-        k = min(self.k, len(self._x))
-        preds = []
-        for block in torch.from_numpy(x).split(chunk):
-            sims, idx = (block @ self._x.T).topk(k, dim=1)
-            weights = (sims / self.temperature).exp().unsqueeze(-1)
-            preds.append((weights * self._scores[idx]).sum(dim=1).argmax(dim=1))
-        return torch.cat(preds).numpy()
+        weights = torch.from_numpy(sims / self.temperature).exp().unsqueeze(-1)
+        scores = self._scores[torch.from_numpy(neighbours)]
+        return (weights * scores).sum(dim=1).argmax(dim=1).numpy()
 
 
 @torch.no_grad()
-def knn_graph(pool: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and cosine similarities of each pool point's ``k`` nearest other points."""
-    x = torch.from_numpy(pool)
+def top_k(queries: np.ndarray, reference: np.ndarray, k: int,
+          chunk: int = 2048, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine similarities of each query's ``k`` most similar reference rows."""
+    ref = torch.from_numpy(reference)
     neighbours, sims = [], []
-    for start in range(0, len(x), chunk):
-        block = x[start:start + chunk] @ x.T
-        block[torch.arange(len(block)), torch.arange(start, start + len(block))] = -2.0
-        s, i = block.topk(min(k, len(x) - 1), dim=1)
+    for start in range(0, len(queries), chunk):
+        block = torch.from_numpy(queries[start:start + chunk]) @ ref.T
+        if exclude_self:
+            block[torch.arange(len(block)), torch.arange(start, start + len(block))] = -2.0
+        s, i = block.topk(k, dim=1)
         neighbours.append(i)
         sims.append(s)
     return torch.cat(neighbours).numpy(), torch.cat(sims).numpy()
+
+
+def knn_graph(pool: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pool point's ``k`` nearest other points: (indices, cosine similarities)."""
+    return top_k(pool, pool, min(k, len(pool) - 1), exclude_self=True)
 
 
 @dataclass
@@ -98,6 +103,8 @@ class LabelPropagationProbe(KNNProbe):
     gamma: float = 3.0
     iterations: int = 20
     graph: tuple[np.ndarray, np.ndarray] | None = None  # knn_graph(pool, graph_k), reusable
+    # top_k(queries, pool, k) of the rows predict() will be given, computed once per checkpoint
+    query_neighbours: tuple[np.ndarray, np.ndarray] | None = None
 
     def fit(self, pool: np.ndarray, ids: np.ndarray, y: np.ndarray) -> LabelPropagationProbe:
         from scipy.sparse import csr_matrix, diags, eye
@@ -124,6 +131,14 @@ class LabelPropagationProbe(KNNProbe):
         self._x = torch.from_numpy(pool)
         self._scores = torch.from_numpy(scores.astype(np.float32))
         return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.query_neighbours is None:
+            return super().predict(x)
+        neighbours, sims = self.query_neighbours
+        if len(neighbours) != len(x) or neighbours.shape[1] != min(self.k, len(self._x)):
+            raise ValueError("query_neighbours were computed for other queries or another k")
+        return self.vote(neighbours, sims)
 
 
 def evaluate(predictions: np.ndarray, test_labels: np.ndarray) -> dict[str, object]:

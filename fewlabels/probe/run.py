@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from fewlabels.probe.fit import (
     LinearProbe,
     evaluate,
     knn_graph,
+    top_k,
     unit_features,
 )
 from fewlabels.probe.select import select
@@ -40,6 +41,13 @@ class Embedded:
     ckpt: Checkpoint
     train: np.ndarray
     test: np.ndarray
+    _test_neighbours: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def test_neighbours(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each test image's ``k`` most similar training images (labels play no part)."""
+        if k not in self._test_neighbours:
+            self._test_neighbours[k] = top_k(self.test, self.train, k)
+        return self._test_neighbours[k]
 
     def graph(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """kNN graph of the training features, cached beside the features."""
@@ -78,7 +86,9 @@ def make_probe(name: str, cfg: DictConfig, emb: Embedded) -> LinearProbe | KNNPr
     lp = cfg.labelprop
     return LabelPropagationProbe(k=cfg.knn.k, temperature=cfg.knn.temperature,
                                  graph_k=lp.graph_k, alpha=lp.alpha, gamma=lp.gamma,
-                                 iterations=lp.iterations, graph=emb.graph(lp.graph_k))
+                                 iterations=lp.iterations, graph=emb.graph(lp.graph_k),
+                                 query_neighbours=emb.test_neighbours(min(cfg.knn.k,
+                                                                          len(emb.train))))
 
 
 def oracle_run_id(cfg: DictConfig, ckpt: Checkpoint, strategy: str, n: int, seed: int) -> str:
