@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,34 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path):
     provenance = json.loads((tmp_path / "ckpt" / "simclr-tiny-seed0" /
                              "provenance.json").read_text())
     assert provenance["global_step"] == 384 // (64 * 2)  # each rank takes half of each epoch
+
+
+def test_killed_run_resumes_from_its_last_epoch(tmp_path):
+    script = Path(sys.executable).parent / "fewlabels"
+    args = [str(script), "pretrain", "preset=tiny", "data.limit=128", "data.batch_size=32",
+            f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    ckpt = tmp_path / "ckpt" / "simclr-tiny-seed0"
+    proc = subprocess.Popen([*args, "trainer.max_epochs=1000"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (ckpt / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it train on past the first checkpoint
+    proc.kill()
+    proc.wait()
+    assert (ckpt / "last.ckpt").exists() and not (ckpt / "backbone.safetensors").exists()
+    saved = torch.load(ckpt / "last.ckpt", weights_only=False, map_location="cpu")
+    assert saved["epoch"] >= 0  # complete: a kill mid-save leaves only a .tmp beside it
+
+    target_epochs = saved["epoch"] + 3
+    done = subprocess.run([*args, f"trainer.max_epochs={target_epochs}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    provenance = json.loads((ckpt / "provenance.json").read_text())
+    assert provenance["resumed_from"] == str(ckpt / "last.ckpt")
+    assert not list(ckpt.glob(".*.tmp"))  # leftovers of the killed save are cleared
+    assert provenance["epochs_completed"] == target_epochs
+    assert provenance["global_step"] == target_epochs * (128 // 32)
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{provenance['wandb_run_id']}"))
+    assert len(runs) == 2  # both invocations wrote to the same W&B run id

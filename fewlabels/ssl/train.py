@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -123,6 +124,9 @@ def pretrain(cfg: DictConfig) -> Path:
     name = run_name(cfg)
     ckpt_dir = Path(cfg.checkpoint_dir) / name
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # a killed save leaves its temporary file
+        for stale in ckpt_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     write_text_atomic(ckpt_dir / "config.yaml", to_yaml(cfg))
 
     images = load_train_images(cfg.data.dir).images[: cfg.data.limit]
@@ -145,7 +149,8 @@ def pretrain(cfg: DictConfig) -> Path:
         log_every_n_steps=tr.log_every_n_steps, limit_train_batches=tr.limit_train_batches,
         logger=logger, default_root_dir=ckpt_dir, plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
+                                   enable_version_counter=False),  # last.ckpt every epoch
                    LearningRateMonitor(logging_interval="step")])
     if tr.channels_last:
         module = module.to(memory_format=torch.channels_last)
