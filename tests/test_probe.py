@@ -214,3 +214,10 @@ def test_curve_and_search_end_to_end(tiny_checkpoint, tmp_path):
     in_db = sum(s.labels_revealed for s in stats() if s.run_id.startswith("search-"))
     assert result["queries_recorded"] == in_db == 2 * sum(tried)
     assert result["distinct_images_revealed"] <= in_db
+
+
+def test_typiclust_beyond_max_clusters_spreads_picks_evenly(unit_features):
+    ids = select_typiclust(unit_features, 45, seed=1, max_clusters=10)
+    assert len(set(ids.tolist())) == 45
+    per_cluster = np.bincount(cluster(unit_features, 10, seed=1)[ids], minlength=10)
+    assert per_cluster.min() >= 4 and per_cluster.max() <= 5

@@ -98,8 +98,8 @@ def oracle_run_id(cfg: DictConfig, ckpt: Checkpoint, strategy: str, n: int, seed
 def fit_predict(cfg: DictConfig, emb: Embedded, strategy: str, n: int, seed: int,
                 probes: tuple[str, ...], oracle: Oracle) -> dict[str, np.ndarray]:
     """Select from features, query exactly those ids, fit each probe; test predictions only."""
-    ids = select(strategy, emb.train, n, seed, cfg.typiclust.neighbors,
-                 cfg.typiclust.minibatch_above)
+    tc = cfg.typiclust
+    ids = select(strategy, emb.train, n, seed, tc.neighbors, tc.minibatch_above, tc.max_clusters)
     labels = oracle.query(ids)
     return {name: make_probe(name, cfg, emb).fit(emb.train, ids, labels).predict(emb.test)
             for name in probes}

@@ -41,31 +41,35 @@ def typicality(points: np.ndarray, neighbors: int) -> np.ndarray:
 
 
 def select_typiclust(features: np.ndarray, n: int, seed: int, neighbors: int = 20,
-                     minibatch_above: int = 50) -> np.ndarray:
-    """One id per k-means cluster (``n`` clusters): the most typical point of each."""
+                     minibatch_above: int = 50, max_clusters: int = 500) -> np.ndarray:
+    """TypiClust (Hacohen et al., 2022): k-means into min(n, max_clusters) clusters; then, n times,
+    the most typical unpicked point of the cluster with the fewest picks (ties: the larger).
+    With n <= max_clusters that is one id per cluster."""
     _check(n, len(features))
     if n == len(features):
         return np.arange(n)
-    assignment = cluster(features, n, seed, minibatch_above)
+    assignment = cluster(features, min(n, max_clusters), seed, minibatch_above)
     x = _unit(features)
-    chosen = []
+    ranked = {}  # cluster -> members, most typical first
     for c in np.unique(assignment):
         members = np.flatnonzero(assignment == c)
-        chosen.append(members[np.argmax(typicality(x[members], neighbors))])
-    chosen_ids = np.array(chosen, dtype=np.int64)
-    if len(chosen_ids) < n:  # k-means left clusters empty: fill with the most typical leftovers
-        rest = np.setdiff1d(np.arange(len(features)), chosen_ids)
-        order = np.argsort(-typicality(x[rest], neighbors), kind="stable")
-        chosen_ids = np.concatenate([chosen_ids, rest[order[: n - len(chosen_ids)]]])
-    return chosen_ids
+        ranked[c] = members[np.argsort(-typicality(x[members], neighbors), kind="stable")]
+    picks = dict.fromkeys(ranked, 0)
+    chosen = []
+    for _ in range(n):
+        c = min((c for c in ranked if picks[c] < len(ranked[c])),
+                key=lambda c: (picks[c], -len(ranked[c]), c))
+        chosen.append(ranked[c][picks[c]])
+        picks[c] += 1
+    return np.array(chosen, dtype=np.int64)
 
 
 def select(strategy: str, features: np.ndarray, n: int, seed: int, neighbors: int = 20,
-           minibatch_above: int = 50) -> np.ndarray:
+           minibatch_above: int = 50, max_clusters: int = 500) -> np.ndarray:
     if strategy == "random":
         return select_random(n, len(features), seed)
     if strategy == "typiclust":
-        return select_typiclust(features, n, seed, neighbors, minibatch_above)
+        return select_typiclust(features, n, seed, neighbors, minibatch_above, max_clusters)
     raise ValueError(f"strategy={strategy!r}: use 'random' or 'typiclust'")
 
 
