@@ -50,7 +50,8 @@ curve:
 	$(FEWLABELS) curve probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
 
 search:
-	$(FEWLABELS) search search.target=$(TARGET) strategy=$(STRATEGY) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
+	$(FEWLABELS) search search.target=$(TARGET) strategy=$(STRATEGY) seeds=$(SEEDS) \
+		search.probe=$(if $(filter all,$(PROBE)),linear,$(PROBE)) $(CKPT_ARG) $(ARGS)
 
 stats:
 	$(FEWLABELS) oracle stats
