@@ -3,6 +3,7 @@ label database per test in a temporary folder."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def tiny_pretrain_config(tmp: Path, *overrides: str) -> DictConfig:
 def _tiny_config() -> Callable[..., DictConfig]:
     """``tiny_config(tmp, *overrides)``: the tiny preset writing under ``tmp``."""
     return tiny_pretrain_config
+
+
+@pytest.fixture(name="subprocess_env")
+def _subprocess_env() -> Callable[..., dict[str, str]]:
+    """Environment for a child process: without this process's W&B service address, which a
+    child would otherwise share (a killed child's run id then stays "in use" there)."""
+
+    def make(**extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        return {**env, **extra}
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 import time
@@ -88,13 +87,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_pretraining_reads_only_the_training_images(tmp_path):
+def test_pretraining_reads_only_the_training_images(tmp_path, subprocess_env):
     only_images = tmp_path / "only-images"
     only_images.mkdir()
     (only_images / FILES["train-images"].filename).symlink_to(locate("train-images"))
-    env = {**os.environ, "FASHION_MNIST_DIR": str(only_images), "WANDB_MODE": "disabled",
-           "FEWLABELS_DATA": str(tmp_path / "data"),
-           "FEWLABELS_LABEL_DB": f"sqlite:///{tmp_path / 'absent.sqlite'}"}
+    env = subprocess_env(FASHION_MNIST_DIR=str(only_images), WANDB_MODE="disabled",
+                         FEWLABELS_DATA=str(tmp_path / "data"),
+                         FEWLABELS_LABEL_DB=f"sqlite:///{tmp_path / 'absent.sqlite'}")
     proc = subprocess.run(
         [sys.executable, "-c", NO_LABELS, "pretrain", "preset=tiny", "trainer.max_epochs=1",
          f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"],
@@ -105,10 +104,10 @@ def test_pretraining_reads_only_the_training_images(tmp_path):
     assert not (tmp_path / "absent.sqlite").exists()
 
 
-def test_ddp_on_two_cpu_processes_with_gloo(tmp_path):
+def test_ddp_on_two_cpu_processes_with_gloo(tmp_path, subprocess_env):
     """Lightning re-launches the console script per rank, so this runs the real CLI."""
     script = Path(sys.executable).parent / "fewlabels"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = subprocess_env(WANDB_MODE="disabled")
     proc = subprocess.run(
         [str(script), "pretrain", "preset=tiny", "trainer.devices=2", "trainer.strategy=ddp",
          "trainer.max_epochs=1", f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"],
@@ -120,11 +119,11 @@ def test_ddp_on_two_cpu_processes_with_gloo(tmp_path):
     assert provenance["global_step"] == 384 // (64 * 2)  # each rank takes half of each epoch
 
 
-def test_killed_run_resumes_from_its_last_epoch(tmp_path):
+def test_killed_run_resumes_from_its_last_epoch(tmp_path, subprocess_env):
     script = Path(sys.executable).parent / "fewlabels"
     args = [str(script), "pretrain", "preset=tiny", "data.limit=128", "data.batch_size=32",
             f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = subprocess_env(WANDB_MODE="offline")
     ckpt = tmp_path / "ckpt" / "simclr-tiny-seed0"
     proc = subprocess.Popen([*args, "trainer.max_epochs=1000"], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
