@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -41,7 +42,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe_command(name: str) -> object:
+def _probe_command(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from fewlabels.config import compose
         from fewlabels.probe import run as probe_run

@@ -191,6 +191,8 @@ def test_missing_or_corrupted_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_p
         features_module.load_backbone(open_checkpoint(broken))
     assert cli_main(["probe", f"checkpoint={broken}", "n=10", "seeds=1"]) == 2
     assert "corrupted" in capsys.readouterr().err
+    assert cli_main(["probe", f"checkpoint={tiny_checkpoint}", "n=abc"]) == 2
+    assert "n='abc': must be a whole number" in capsys.readouterr().err
 
 
 def test_curve_and_search_end_to_end(tiny_checkpoint, tmp_path):

@@ -62,7 +62,14 @@ class Embedded:
         return neighbours, sims
 
 
+def _whole_numbers(**values: Any) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key}={value!r}: must be a whole number >= 0")
+
+
 def embedded(cfg: DictConfig) -> Embedded:
+    _whole_numbers(seeds=cfg.seeds, first_seed=cfg.first_seed)
     ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
     train_images = load_train_images().images[: cfg.pool_limit]
     train, test = features(ckpt, train_images, load_test_set().images, cfg.feature_batch_size,
@@ -169,6 +176,7 @@ def _table(summary: list[dict[str, Any]]) -> str:
 
 
 def probe(cfg: DictConfig) -> list[dict[str, Any]]:
+    _whole_numbers(n=cfg.n)
     emb = embedded(cfg)
     summary = evaluate_n(cfg, emb, load_test_set().labels, cfg.strategy, cfg.n,
                          probe_names(cfg.probe))
