@@ -52,12 +52,17 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, tiny_config):
     monkeypatch.setenv("WANDB_MODE", "offline")
     ckpt = pretrain(tiny_config(tmp_path, "trainer.max_epochs=1"))
     first = json.loads((ckpt / "provenance.json").read_text())
+    time.sleep(1.1)  # W&B names offline folders by the second; keep the two apart to count them
     again = pretrain(tiny_config(tmp_path, "trainer.max_epochs=2"))
     second = json.loads((again / "provenance.json").read_text())
     assert again == ckpt and second["resumed_from"] == str(ckpt / "last.ckpt")
     assert second["global_step"] == 2 * first["global_step"]
     assert second["wandb_run_id"] == first["wandb_run_id"]
-    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}"))) == 2
+    run_files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{first['wandb_run_id']}/*.wandb"))
+    assert len(run_files) == 2
+    epochs = [row["epoch"] for f in run_files for row in read_offline_run(f)["history"]
+              if "train/loss_epoch" in row]
+    assert epochs == [0, 1]  # the resumed invocation logged only the epoch it trained
 
 
 def test_bad_config_keys_say_what_is_wrong():
