@@ -42,6 +42,7 @@ class Embedded:
     train: np.ndarray
     test: np.ndarray
     _test_neighbours: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    _graphs: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def test_neighbours(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each test image's ``k`` most similar training images (labels play no part)."""
@@ -50,16 +51,20 @@ class Embedded:
         return self._test_neighbours[k]
 
     def graph(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """kNN graph of the training features, cached beside the features."""
+        """kNN graph of the training features: built once, cached beside the features and
+        kept in memory for every seed and N of this process."""
+        if k in self._graphs:
+            return self._graphs[k]
         name = f"{self.ckpt.sha256[:20]}-{len(self.train)}-knn{k}.npz"
         path = self.ckpt.folder / "features" / name
         if path.is_file():
             with np.load(path) as saved:
-                return saved["neighbours"], saved["sims"]
-        neighbours, sims = knn_graph(self.train, k)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, neighbours=neighbours, sims=sims)
-        return neighbours, sims
+                self._graphs[k] = saved["neighbours"], saved["sims"]
+        else:
+            self._graphs[k] = knn_graph(self.train, k)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, neighbours=self._graphs[k][0], sims=self._graphs[k][1])
+        return self._graphs[k]
 
 
 def _whole_numbers(**values: Any) -> None:
