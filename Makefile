@@ -17,7 +17,7 @@ CKPT     ?=
 ARGS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 
-.PHONY: setup data test lint pretrain probe curve search stats bench-pretrain clean-results
+.PHONY: setup data test lint pretrain probe curve search stats bench-pretrain gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data
 
@@ -35,7 +35,7 @@ data: $(VENV)/.installed
 	$(FEWLABELS) data prepare
 
 lint:
-	$(VENV)/bin/ruff check fewlabels tests benchmarks
+	$(VENV)/bin/ruff check fewlabels tests benchmarks scripts
 
 test: lint
 	$(PY) -m pytest -q
@@ -58,3 +58,12 @@ stats:
 
 bench-pretrain:
 	$(PY) benchmarks/bench_pretrain.py $(ARGS)
+
+# The GPU check runs on a lent device machine in one call (README, "GPU"): pack here, run there,
+# unpack here. FILES: the folder the device call returned.
+gpu-pack:
+	$(PY) scripts/gpu/pack.py
+
+gpu-unpack:
+	@test -n "$(FILES)" || { echo "usage: make gpu-unpack FILES=<folder the device call returned>"; exit 2; }
+	$(PY) scripts/gpu/unpack.py $(FILES)

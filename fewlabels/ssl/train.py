@@ -145,7 +145,7 @@ def pretrain(cfg: DictConfig) -> Path:
     trainer = pl.Trainer(
         max_epochs=tr.max_epochs, max_time=tr.max_time, accelerator=tr.accelerator,
         devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
-        sync_batchnorm=tr.sync_batchnorm, precision=tr.precision,
+        sync_batchnorm=tr.sync_batchnorm, precision=tr.precision, benchmark=tr.cudnn_benchmark,
         log_every_n_steps=tr.log_every_n_steps, limit_train_batches=tr.limit_train_batches,
         logger=logger, default_root_dir=ckpt_dir, plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
