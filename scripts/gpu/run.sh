@@ -67,6 +67,15 @@ for name in ("torch", "torchvision", "pytorch_lightning", "lightly", "timm", "wa
     print(f"{name:18} {getattr(module, '__version__', '?')}")
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
+if [ "$WANDB_MODE" != disabled ]; then  # W&B must not cost the GPU numbers: fall back loudly
+    "$PYTHON" - <<'EOF' || { echo "!!! W&B offline logging fails here: WANDB_MODE=disabled from now on"; export WANDB_MODE=disabled; }
+import tempfile
+import wandb
+run = wandb.init(project="fewlabels-smoke", mode="offline", dir=tempfile.mkdtemp())
+run.log({"ok": 1})
+run.finish()
+EOF
+fi
 [ -f "$KIT/manifest.json" ] && cp "$KIT/manifest.json" results/devkit-manifest.json
 fl data prepare || exit 3
 
