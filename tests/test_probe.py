@@ -101,7 +101,9 @@ def test_probe_run_counts_queries_and_beats_chance(tiny_checkpoint, tmp_path, mo
     for row in summary:
         assert row["queries"] == 200 and row["mean"] > 0.4  # chance is 0.1
     revealed = {s.run_id: s.labels_revealed for s in stats()}
-    assert revealed == {f"{tiny_checkpoint.name}/typiclust/n100/seed{s}": 100 for s in (0, 1)}
+    sha = open_checkpoint(tiny_checkpoint).sha256[:8]
+    assert revealed == {f"{tiny_checkpoint.name}-{sha}/typiclust/n100/seed{s}": 100
+                        for s in (0, 1)}
     files = sorted((tmp_path / "results").glob("probe-*.json"))
     assert len(files) == 2
     rows = json.loads(files[0].read_text())
@@ -174,6 +176,27 @@ def test_feature_cache_is_keyed_by_checkpoint_hash(tiny_checkpoint, tmp_path, mo
     changed = features_module.features(open_checkpoint(ckpt_dir), images, test_images)
     assert not np.allclose(first[0], changed[0])
     assert len(list((ckpt_dir / "features").glob("*.npz"))) == 2
+
+
+def test_a_retrained_checkpoint_of_the_same_name_buys_its_own_queries(tiny_checkpoint, tmp_path):
+    """Typiclust picks other images on a new backbone: reusing the old run ids would refuse them
+    for lack of budget (or, for random, silently mix two backbones under one id)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt_dir = tmp_path / "simclr-retrained"
+    shutil.copytree(tiny_checkpoint, ckpt_dir, ignore=shutil.ignore_patterns("features"))
+    cfg = probe_config(ckpt_dir, tmp_path, "n=40", "seeds=1", "strategy=typiclust",
+                       "probe=knn")
+    before = probe_run.probe(cfg)[0]
+    state = load_file(str(ckpt_dir / "backbone.safetensors"))
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()},
+              str(ckpt_dir / "backbone.safetensors"))  # what pretraining again would do
+    after = probe_run.probe(cfg)[0]
+    assert before["run_ids"] != after["run_ids"]
+    revealed = {s.run_id: s.labels_revealed for s in stats()}
+    assert revealed[before["run_ids"][0]] == revealed[after["run_ids"][0]] == 40
 
 
 def test_missing_or_corrupted_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """``probe``, ``curve`` and ``search``: select -> query -> fit -> evaluate, per seed, logged to W&B.
 
 Each seed is one replicate with its own oracle run id
-(``<tag><checkpoint>/<strategy>/n<N>/seed<S>``): asking again under the same id costs nothing.
+(``<tag><checkpoint>-<sha256[:8]>/<strategy>/n<N>/seed<S>``): asking again under the same id
+costs nothing, and a checkpoint trained again under the same name buys its own queries.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def make_probe(name: str, cfg: DictConfig, emb: Embedded) -> LinearProbe | KNNPr
 
 
 def oracle_run_id(cfg: DictConfig, ckpt: Checkpoint, strategy: str, n: int, seed: int) -> str:
-    return f"{cfg.run_tag}{ckpt.name}/{strategy}/n{n}/seed{seed}"
+    return f"{cfg.run_tag}{ckpt.name}-{ckpt.sha256[:8]}/{strategy}/n{n}/seed{seed}"
 
 
 def fit_predict(cfg: DictConfig, emb: Embedded, strategy: str, n: int, seed: int,
