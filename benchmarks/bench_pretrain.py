@@ -23,7 +23,7 @@ from fewlabels.config import compose
 from fewlabels.data import load_train_images
 from fewlabels.files import write_json_atomic
 from fewlabels.ssl.registry import method_class
-from fewlabels.ssl.train import make_loader
+from fewlabels.ssl.train import make_loader, resolve_precision
 
 
 class StepTimer(pl.Callback):
@@ -98,12 +98,16 @@ def main() -> None:
     base = [f"preset={args.preset}", f"method={args.method}"]
     shipped = compose("pretrain", base)
     per_image = compose("pretrain", [*base, "data.augment=per_image"])
+    for cfg in (shipped, per_image):
+        cfg.trainer.precision = resolve_precision(cfg.trainer)
 
     a = trainer_rate(shipped, images, args.steps, args.warmup)
     b = compute_limit_rate(shipped, images, args.steps, args.warmup)
     c = trainer_rate(per_image, images, args.steps, args.warmup)
     print(f"\npreset={args.preset} method={args.method} batch={shipped.data.batch_size} "
-          f"backbone={shipped.backbone.name} steps={args.steps} (after {args.warmup} warm-up)")
+          f"backbone={shipped.backbone.name} precision={shipped.trainer.precision} "
+          f"channels_last={shipped.trainer.channels_last} steps={args.steps} "
+          f"(after {args.warmup} warm-up)")
     print(f"(a) shipped step, batched augmentation : {a:9.0f} img/s")
     print(f"(b) compute limit, ready views         : {b:9.0f} img/s")
     print(f"(c) per-image lightly transforms, {per_image.data.num_workers} workers: {c:9.0f} img/s")
@@ -112,6 +116,8 @@ def main() -> None:
         write_json_atomic(args.json, {
             "preset": args.preset, "method": args.method, "backbone": shipped.backbone.name,
             "batch_size": shipped.data.batch_size, "steps": args.steps, "warmup": args.warmup,
+            "precision": shipped.trainer.precision,
+            "channels_last": shipped.trainer.channels_last,
             "per_image_workers": per_image.data.num_workers,
             "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else f"cpu, {torch.get_num_threads()} threads",

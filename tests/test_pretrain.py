@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fewlabels.config import ConfigError, compose
 from fewlabels.data.fashion_mnist import FILES, locate
 from fewlabels.ssl.backbones import build_backbone
-from fewlabels.ssl.train import pretrain
+from fewlabels.ssl.train import cpu_has_native_bf16, pretrain, resolve_precision
 from fewlabels.tracking import offline_run_file, read_offline_run
 
 
@@ -63,6 +63,32 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, tiny_config):
     epochs = [row["epoch"] for f in run_files for row in read_offline_run(f)["history"]
               if "train/loss_epoch" in row]
     assert epochs == [0, 1]  # the resumed invocation logged only the epoch it trained
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_native_bf16(cpuinfo)
+    assert not cpu_has_native_bf16(tmp_path / "absent")
+
+    cpu = compose("pretrain", ["preset=cpu"]).trainer
+    assert cpu.precision == "auto"
+    monkeypatch.setattr("fewlabels.ssl.train.cpu_has_native_bf16", lambda: True)
+    assert resolve_precision(cpu) == "bf16-mixed"
+    monkeypatch.setattr("fewlabels.ssl.train.cpu_has_native_bf16", lambda: False)
+    assert resolve_precision(cpu) == "32-true"
+    assert resolve_precision(compose("pretrain", ["preset=tiny"]).trainer) == "32-true"
+
+
+def test_resolved_precision_is_what_the_checkpoint_records(tmp_path, tiny_config):
+    ckpt = pretrain(tiny_config(tmp_path, "trainer.precision=auto", "trainer.max_epochs=1",
+                                "trainer.channels_last=true"))
+    recorded = (ckpt / "config.yaml").read_text()
+    assert "precision: auto" not in recorded
+    expected = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    assert f"precision: {expected}" in recorded
 
 
 def test_bad_config_keys_say_what_is_wrong():

@@ -87,6 +87,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (measured on this 2-core
+    EPYC: 1.7x the fp32 images/s of the cpu preset, with channels_last). Elsewhere bf16 is
+    emulated and slower than fp32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """``trainer.precision=auto``: bf16-mixed where the hardware computes bf16 natively (a CUDA
+    GPU that supports it, a CPU with AVX512-BF16/AMX), else 32-true. Other values pass as is."""
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    if trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
 def run_name(cfg: DictConfig) -> str:
     return cfg.run_name or f"{cfg.method.name}-{cfg.preset}-seed{cfg.seed}"
 
@@ -124,6 +145,7 @@ def pretrain(cfg: DictConfig) -> Path:
     name = run_name(cfg)
     ckpt_dir = Path(cfg.checkpoint_dir) / name
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cfg.trainer.precision = resolve_precision(cfg.trainer)  # saved and logged as resolved
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # a killed save leaves its temporary file
         for stale in ckpt_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
