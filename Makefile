@@ -17,7 +17,7 @@ CKPT     ?=
 ARGS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 
-.PHONY: setup data test lint pretrain probe curve search stats bench-pretrain gpu-pack gpu-unpack
+.PHONY: setup data test lint pretrain probe curve search stats bench-pretrain bench-precision gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data
 
@@ -58,6 +58,9 @@ stats:
 
 bench-pretrain:
 	$(PY) benchmarks/bench_pretrain.py $(ARGS)
+
+bench-precision:
+	$(PY) benchmarks/bench_precision.py $(ARGS)
 
 # The GPU check runs on a lent device machine in one call (README, "GPU"): pack here, run there,
 # unpack here. FILES: the folder the device call returned.

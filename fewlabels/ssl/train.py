@@ -89,8 +89,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (measured on this 2-core
-    EPYC: 1.7x the fp32 images/s of the cpu preset, with channels_last). Elsewhere bf16 is
-    emulated and slower than fp32."""
+    EPYC: 1.5x the fp32 images/s with channels_last, `make bench-precision`). Without them
+    bf16 is emulated, so ``auto`` stays fp32."""
     try:
         flags = set(cpuinfo.read_text().split())
     except OSError:
