@@ -100,7 +100,8 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:
     """``trainer.precision=auto``: bf16-mixed where the hardware computes bf16 natively (a CUDA
-    GPU that supports it, a CPU with AVX512-BF16/AMX), else 32-true. Other values pass as is."""
+    GPU that supports it, a CPU with AVX512-BF16/AMX); 16-mixed on an older CUDA GPU; 32-true on
+    other CPUs. Other values pass as is."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
     if trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
