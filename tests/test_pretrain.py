@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from fewlabels.config import ConfigError, compose
 from fewlabels.data.fashion_mnist import FILES, locate
 from fewlabels.ssl.backbones import build_backbone
+from fewlabels.ssl.base import cosine, seconds
 from fewlabels.ssl.train import cpu_has_native_bf16, pretrain, resolve_precision
 from fewlabels.tracking import offline_run_file, read_offline_run
 
@@ -89,6 +90,37 @@ def test_resolved_precision_is_what_the_checkpoint_records(tmp_path, tiny_config
     assert "precision: auto" not in recorded
     expected = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
     assert f"precision: {expected}" in recorded
+
+
+def test_schedule_helpers():
+    assert seconds("00:00:07:00") == 420 and seconds("01:02:03:04") == 93784
+    assert seconds(None) is None
+    assert cosine(0.0, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine(0.5, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine(1.0, 0.99, 1.0) == pytest.approx(1.0) and cosine(2.0, 0.99, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_the_schedules_end_when_the_time_cap_stops_the_run(method, tmp_path, monkeypatch,
+                                                           tiny_config):
+    """max_epochs=200 would take minutes; a 3-second cap stops it after a few per cent of its
+    steps, and the learning rate (and BYOL's momentum) have still reached their ends by then."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tiny_config(tmp_path, f"method={method}", "trainer.max_epochs=200",
+                      "trainer.max_time=00:00:00:03", "optimizer.warmup_epochs=0")
+    ckpt = pretrain(cfg)
+    provenance = json.loads((ckpt / "provenance.json").read_text())
+    steps_per_epoch = cfg.data.limit // cfg.data.batch_size
+    assert provenance["global_step"] < 0.5 * 200 * steps_per_epoch  # stopped by time
+    lrs = [row["lr-SGD"] for row in _history(tmp_path, ckpt) if "lr-SGD" in row]
+    base_lr = cfg.optimizer.lr * cfg.data.batch_size / 256
+    assert lrs[0] == pytest.approx(base_lr, rel=0.05)
+    assert lrs[-1] < 0.1 * base_lr
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    if method == "byol":  # from momentum_start 0.99 towards momentum_end 1.0
+        momentum = [row["train/momentum"] for row in _history(tmp_path, ckpt)
+                    if "train/momentum" in row]
+        assert momentum[0] == pytest.approx(0.99, abs=1e-3) and momentum[-1] > 0.999
 
 
 def test_bad_config_keys_say_what_is_wrong():

@@ -3,17 +3,32 @@ throughput, and label-free health signals. A method adds its heads and ``loss(vi
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightly.utils.scheduler import CosineWarmupScheduler
+from lightly.utils.scheduler import cosine_warmup_schedule
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Timer
 
 from fewlabels.ssl.augment import BatchedTwoViews, normalize_uint8
 from fewlabels.ssl.backbones import build_backbone
+
+
+def seconds(max_time: str | None) -> float | None:
+    """``trainer.max_time`` ("DD:HH:MM:SS") in seconds; None when there is no time cap."""
+    if not max_time:
+        return None
+    days, hours, minutes, secs = (int(part) for part in str(max_time).split(":"))
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+def cosine(progress: float, start: float, end: float) -> float:
+    """From ``start`` at progress 0 to ``end`` at progress 1 along half a cosine."""
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def embedding_health(embeddings: torch.Tensor) -> dict[str, float]:
@@ -74,6 +89,16 @@ class SSLMethod(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = None
 
+    def time_progress(self) -> float:
+        """Share of ``trainer.max_time`` used so far (0 without a time cap). The schedules take
+        whichever is further along, their steps or this, so they end when the run ends, also
+        when the time cap stops it before its epochs do."""
+        limit = seconds(self.cfg.trainer.max_time)
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if not limit or timer is None:
+            return 0.0
+        return min(1.0, timer.time_elapsed("train") / limit)  # survives a resume
+
     @torch.no_grad()
     def embed_uint8(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         was_training = self.training
@@ -101,9 +126,15 @@ class SSLMethod(pl.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=opt_cfg.weight_decay)
         else:
             raise ValueError(f"optimizer.name={opt_cfg.name!r}: use 'sgd' or 'adamw'")
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // tr.max_epochs)
-        scheduler = CosineWarmupScheduler(
-            optimizer, warmup_epochs=opt_cfg.warmup_epochs * steps_per_epoch,
-            max_epochs=self.trainer.estimated_stepping_batches)
+        total_steps = self.trainer.estimated_stepping_batches
+        warmup_steps = opt_cfg.warmup_epochs * max(1, total_steps // tr.max_epochs)
+
+        def lr_factor(step: int) -> float:  # lightly's warm-up and cosine, or the time cap's
+            by_steps = cosine_warmup_schedule(step=step, max_steps=total_steps, start_value=1.0,
+                                              end_value=0.001, warmup_steps=warmup_steps,
+                                              warmup_start_value=0.0)
+            return min(by_steps, cosine(self.time_progress(), 1.0, 0.0))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

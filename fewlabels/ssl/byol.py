@@ -12,7 +12,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from omegaconf import DictConfig
 
-from fewlabels.ssl.base import SSLMethod
+from fewlabels.ssl.base import SSLMethod, cosine
 from fewlabels.ssl.registry import register
 
 
@@ -32,8 +32,10 @@ class BYOL(SSLMethod):
         self.criterion = NegativeCosineSimilarity()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        momentum = cosine_schedule(self.global_step, self.trainer.estimated_stepping_batches,
-                                   self.cfg.method.momentum_start, self.cfg.method.momentum_end)
+        start, end = self.cfg.method.momentum_start, self.cfg.method.momentum_end
+        total, by_time = self.trainer.estimated_stepping_batches, self.time_progress()
+        momentum = (cosine(by_time, start, end) if by_time > self.global_step / total
+                    else cosine_schedule(self.global_step, total, start, end))
         update_momentum(self.backbone, self.backbone_momentum, m=momentum)
         update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
         self.log("train/momentum", momentum, on_step=True, on_epoch=False)

@@ -5,13 +5,14 @@
 #   1. install the carried wheels into /tmp/site; verify the carried data; build the label DB
 #   2. benchmarks/bench_pretrain.py --preset gpu: (a) shipped step, (b) compute limit,
 #      (c) per-image lightly transforms, side by side
-#   3. fewlabels pretrain preset=gpu: max_epochs sized from (a) so that the cosine schedule ends
-#      inside TRAIN_S seconds; trainer.max_time caps it anyway
+#   3. fewlabels pretrain preset=gpu with trainer.max_time=TRAIN_S: the preset's epochs, or fewer
+#      when the time cap comes first (the learning-rate schedule follows whichever ends the run)
 #   4. fewlabels probe n=100 (random, 3 seeds, all probes), then more probes while time is left
 #
 # Everything lands in $OUT as it is made, so a run cut short still returns what it did:
 # log.txt, summary.json, results.tar.gz (results/, provenance, config, bench.json, W&B offline
-# runs, a copy of the label database with every query made there) and the backbone in <= 15 MiB parts (scripts/gpu/unpack.py joins and checks them here).
+# runs, a copy of the label database with every query made there) and the backbone in parts of
+# <= 15 MiB (scripts/gpu/unpack.py joins and checks them here).
 #
 # Knobs (environment): TRAIN_S (default 330), BUDGET_S (whole script, default 540),
 # METHOD (simclr), PRESET (gpu), PYTHON (python3), KIT (.devkit), BENCH_STEPS (60), EXTRA
@@ -85,25 +86,10 @@ stage "bench-pretrain (preset=$PRESET, $BENCH_STEPS steps)"
 pack
 
 stage "pretrain $RUN (~${TRAIN_S}s of training)"
-EPOCHS=$("$PYTHON" - "$TRAIN_S" "$PRESET" <<'EOF'
-import json, math, sys
-from fewlabels.config import compose
-train_s, preset = float(sys.argv[1]), sys.argv[2]
-cfg = compose("pretrain", [f"preset={preset}"])
-steps = min(60000, cfg.data.limit or 60000) // cfg.data.batch_size
-try:  # images/s of the shipped step, measured just now; 0.85 leaves room for per-epoch work
-    rate = json.load(open("results/bench-pretrain.json"))["a_shipped_img_s"]
-    print(max(1, min(cfg.trainer.max_epochs, math.floor(0.85 * rate * train_s / (steps * cfg.data.batch_size)))))
-except (OSError, KeyError, ValueError):
-    print(cfg.trainer.max_epochs)
-EOF
-)
-MAX_TIME=$(printf "00:00:%02d:%02d" $(((TRAIN_S + 30) / 60)) $(((TRAIN_S + 30) % 60)))
-echo "max_epochs=$EPOCHS max_time=$MAX_TIME   (= make pretrain PRESET=$PRESET METHOD=$METHOD" \
-     "ARGS=\"run_name=$RUN trainer.max_epochs=$EPOCHS trainer.max_time=$MAX_TIME $EXTRA\")"
+MAX_TIME=$(printf "00:00:%02d:%02d" $((TRAIN_S / 60)) $((TRAIN_S % 60)))
+echo "= make pretrain PRESET=$PRESET METHOD=$METHOD ARGS=\"run_name=$RUN trainer.max_time=$MAX_TIME $EXTRA\""
 # shellcheck disable=SC2086  # EXTRA holds several overrides
-fl pretrain method="$METHOD" preset="$PRESET" run_name="$RUN" trainer.max_epochs="$EPOCHS" \
-    trainer.max_time="$MAX_TIME" $EXTRA
+fl pretrain method="$METHOD" preset="$PRESET" run_name="$RUN" trainer.max_time="$MAX_TIME" $EXTRA
 pack
 
 probe() {  # strategy n: skipped when less time is left than the last probe took, plus margin
