@@ -180,6 +180,7 @@ def pretrain(cfg: DictConfig) -> Path:
 
     last = ckpt_dir / "last.ckpt"
     resume_from = last if last.exists() else None
+    commit = _git_commit()  # the code this run starts with, even if the tree changes meanwhile
     started = time.time()
     trainer.fit(module, make_loader(cfg, images), ckpt_path=resume_from)
     wall = time.time() - started
@@ -192,7 +193,7 @@ def pretrain(cfg: DictConfig) -> Path:
             "epochs_completed": trainer.current_epoch, "global_step": trainer.global_step,
             "images": len(images), "wall_time_s_this_invocation": round(wall, 1),
             "resumed_from": str(resume_from) if resume_from else None,
-            "git_commit": _git_commit(), "hardware": _hardware(),
+            "git_commit": commit, "hardware": _hardware(),
             "train_images_md5": FILES["train-images"].md5, "torch": torch.__version__,
             "wandb_run_id": logger.version, "final_metrics": metrics,
         })
