@@ -38,7 +38,7 @@ left() { echo $((BUDGET_S - SECONDS)); }
 stage() { echo; echo "=== [$(date -u +%T), ${SECONDS}s] $*"; }
 
 pack() {  # everything small into one tarball; the backbone in parts (the tool returns <= 16 MiB)
-    [ -f data/labels.sqlite ] && "$PYTHON" -c "import sqlite3, sys
+    [ -f data/labels.sqlite ] && "$PYTHON" -c "import sqlite3
 src, dst = sqlite3.connect('data/labels.sqlite'), sqlite3.connect('results/.labels-device.sqlite')
 src.backup(dst); dst.close()" && mv results/.labels-device.sqlite results/labels-device.sqlite
     {   find results -type f  # plain files only: W&B leaves links to absolute paths
