@@ -11,6 +11,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from fewlabels.files import write_json_atomic
+
 
 def probe_summary(results: Path, checkpoint: str) -> list[dict]:
     """Per (strategy, n, probe): accuracies of every seed run on this checkpoint."""
@@ -46,9 +48,7 @@ def main() -> None:
               f"{row['mean']:.2%} ± {row['std']:.2%} ({row['seeds']} seeds, "
               f"{row['queries']} queries)")
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(args.out)
+        write_json_atomic(args.out, summary)
 
 
 if __name__ == "__main__":
