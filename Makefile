@@ -10,6 +10,7 @@ METHOD   ?= simclr
 PRESET   ?=
 N        ?= 100
 STRATEGY ?= random
+ALGO     ?= fixmatch
 PROBE    ?= all
 SEEDS    ?= 3
 TARGET   ?= 0.90
@@ -17,7 +18,8 @@ CKPT     ?=
 ARGS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 
-.PHONY: setup data test lint pretrain probe curve search stats bench-pretrain bench-precision gpu-pack gpu-unpack
+.PHONY: setup data test lint pretrain finetune report probe curve search stats bench-pretrain \
+	bench-precision bench-finetune gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data
 
@@ -43,6 +45,15 @@ test: lint
 pretrain:
 	$(FEWLABELS) pretrain method=$(METHOD) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
 
+# STRATEGY defaults to typiclust here (the config's default) unless given on the command line.
+finetune:
+	$(FEWLABELS) finetune n=$(N) algorithm=$(ALGO) seeds=$(SEEDS) \
+		$(if $(filter command line,$(origin STRATEGY)),strategy=$(STRATEGY)) \
+		$(if $(PRESET),preset=$(PRESET)) $(CKPT_ARG) $(ARGS)
+
+report:
+	$(FEWLABELS) report
+
 probe:
 	$(FEWLABELS) probe n=$(N) strategy=$(STRATEGY) probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
 
@@ -61,6 +72,9 @@ bench-pretrain:
 
 bench-precision:
 	$(PY) benchmarks/bench_precision.py $(ARGS)
+
+bench-finetune:
+	$(PY) benchmarks/bench_finetune.py $(ARGS)
 
 # The GPU check runs on a lent device machine in one call (README, "GPU"): pack here, run there,
 # unpack here. FILES: the folder the device call returned.

@@ -22,8 +22,9 @@ import torch
 from fewlabels.config import compose
 from fewlabels.data import load_train_images
 from fewlabels.files import write_json_atomic
-from fewlabels.ssl.registry import method_class
-from fewlabels.ssl.train import make_loader, resolve_precision
+from fewlabels.runtime import resolve_precision
+from fewlabels.ssl import method_class
+from fewlabels.ssl.train import make_loader
 
 
 class StepTimer(pl.Callback):

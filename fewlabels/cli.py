@@ -1,23 +1,10 @@
-"""Command line: ``fewlabels {data,oracle,pretrain,probe,curve,search}``."""
+"""Command line: ``fewlabels {data,oracle,pretrain,finetune,probe,curve,search,report}``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    import torch
-
-    from fewlabels.config import compose
-    from fewlabels.ssl.train import pretrain
-
-    overrides = list(args.overrides)
-    if not any(o.startswith("preset=") for o in overrides):
-        overrides.append("preset=" + ("gpu" if torch.cuda.is_available() else "cpu"))
-    pretrain(compose("pretrain", overrides))
-    return 0
 
 
 def _oracle_stats(args: argparse.Namespace) -> int:
@@ -42,14 +29,51 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe_command(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        from fewlabels.config import compose
-        from fewlabels.probe import run as probe_run
+def _report(args: argparse.Namespace) -> int:
+    from fewlabels.semisup.report import report
 
-        getattr(probe_run, name)(compose("probe", list(args.overrides)))
+    report(args.results)
+    return 0
+
+
+def _hydra_command(stage: str, function: str, device_preset: bool = False,
+                   ) -> Callable[[argparse.Namespace], int]:
+    """A command whose arguments are Hydra overrides of ``configs/<stage>``; ``function`` is
+    ``module:name`` inside the package, imported only when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        from fewlabels.config import compose
+
+        overrides = list(args.overrides)
+        if device_preset and not any(o.startswith("preset=") for o in overrides):
+            import torch
+
+            overrides.append("preset=" + ("gpu" if torch.cuda.is_available() else "cpu"))
+        module, name = function.split(":")
+        getattr(importlib.import_module(f"fewlabels.{module}"), name)(compose(stage, overrides))
         return 0
+
     return run
+
+
+# command -> (what it does, an example of its overrides, the function it runs)
+HYDRA_COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] = {
+    "pretrain": ("self-supervised pretraining (Hydra overrides)",
+                 "e.g. method=byol preset=tiny trainer.max_epochs=2",
+                 _hydra_command("pretrain", "ssl.train:pretrain", device_preset=True)),
+    "finetune": ("fine-tune backbone + head on N queried labels and the unlabeled pool",
+                 "e.g. n=250 algorithm=fixmatch strategy=typiclust preset=tiny",
+                 _hydra_command("finetune", "semisup.run:finetune", device_preset=True)),
+    "probe": ("spend N label queries, fit probes, report test accuracy",
+              "e.g. n=100 strategy=typiclust seeds=3", _hydra_command("probe", "probe.run:probe")),
+    "curve": ("test accuracy against label queries over a grid of N", "e.g. seeds=3 probe=linear",
+              _hydra_command("probe", "probe.run:curve")),
+    "search": ("smallest N whose mean test accuracy passes a target",
+               "e.g. search.target=0.9 strategy=typiclust",
+               _hydra_command("probe", "probe.run:search")),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,28 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--db", default=None, help="database URL (default: $FEWLABELS_LABEL_DB)")
     st.set_defaults(func=_oracle_stats)
 
-    p = sub.add_parser("pretrain", help="self-supervised pretraining (Hydra overrides)")
-    p.add_argument("overrides", nargs="*", help="e.g. method=byol preset=tiny trainer.max_epochs=2")
-    p.set_defaults(func=_pretrain)
+    p = sub.add_parser("report", help="fine-tuning results as a markdown table")
+    p.add_argument("--results", default="results", help="folder of finetune-*.json")
+    p.set_defaults(func=_report)
 
-    for name, text in (("probe", "spend N label queries, fit probes, report test accuracy"),
-                       ("curve", "test accuracy against label queries over a grid of N"),
-                       ("search", "smallest N whose mean test accuracy passes a target")):
+    for name, (text, example, func) in HYDRA_COMMANDS.items():
         p = sub.add_parser(name, help=text)
-        p.add_argument("overrides", nargs="*", help="e.g. n=100 strategy=typiclust seeds=3")
-        p.set_defaults(func=_probe_command(name))
+        p.add_argument("overrides", nargs="*", help=example)
+        p.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from fewlabels.config import ConfigError
     from fewlabels.data import DataFileError
+    from fewlabels.models import CheckpointError
     from fewlabels.oracle import BudgetExceeded, LabelDatabaseError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataFileError, LabelDatabaseError, BudgetExceeded, ValueError,
+    except (ConfigError, CheckpointError, DataFileError, LabelDatabaseError, BudgetExceeded,
+            ValueError,
             FileNotFoundError) as err:
         print(f"fewlabels {args.command}: error: {err}", file=sys.stderr)
         return 2

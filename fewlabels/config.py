@@ -16,18 +16,21 @@ class ConfigError(ValueError):
 
 
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """``configs/<name>.yaml``, or ``configs/<name>/<name>.yaml`` when a stage has its own folder
+    of groups (fine-tuning: ``algorithm/``, ``preset/``), with Hydra overrides."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        config_dir = CONFIG_DIR / config_name if (CONFIG_DIR / config_name).is_dir() else CONFIG_DIR
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(
             f"bad override in {list(overrides)}: {err}\nKeys and groups are in "
-            f"{CONFIG_DIR}/{config_name}.yaml and its folders; a new key needs '+key=value'."
+            f"{config_file(config_name)} and the folders beside it; a new key needs '+key=value'."
         ) from err
     OmegaConf.set_struct(cfg, True)  # a typo in code is an error, not a silent None
     return cfg
@@ -35,3 +38,8 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_file(config_name: str) -> Path:
+    folder = CONFIG_DIR / config_name
+    return folder / f"{config_name}.yaml" if folder.is_dir() else CONFIG_DIR / f"{config_name}.yaml"

@@ -4,7 +4,7 @@ from PIL import Image
 
 from fewlabels.config import compose
 from fewlabels.data import MEAN, STD, load_train_images
-from fewlabels.ssl.augment import BatchedTwoViews, normalize_uint8, per_image_two_views
+from fewlabels.data.transforms import BatchedTwoViews, normalize_uint8, per_image_two_views
 
 
 def _augment() -> BatchedTwoViews:

@@ -3,7 +3,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fewlabels.config import compose
-from fewlabels.ssl.backbones import NarrowResNet, build_backbone
+from fewlabels.models.backbones import NarrowResNet, build_backbone
 
 
 def test_timm_resnet18_takes_one_channel_with_a_small_stem():

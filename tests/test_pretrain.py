@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from fewlabels.config import ConfigError, compose
 from fewlabels.data.fashion_mnist import FILES, locate
-from fewlabels.ssl.backbones import build_backbone
+from fewlabels.models.backbones import build_backbone
+from fewlabels.runtime import cpu_has_native_bf16, resolve_precision
 from fewlabels.ssl.base import cosine, seconds
-from fewlabels.ssl.train import cpu_has_native_bf16, pretrain, resolve_precision
+from fewlabels.ssl.train import pretrain
 from fewlabels.tracking import offline_run_file, read_offline_run
 
 
@@ -76,9 +77,9 @@ def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeyp
 
     cpu = compose("pretrain", ["preset=cpu"]).trainer
     assert cpu.precision == "auto"
-    monkeypatch.setattr("fewlabels.ssl.train.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("fewlabels.runtime.cpu_has_native_bf16", lambda: True)
     assert resolve_precision(cpu) == "bf16-mixed"
-    monkeypatch.setattr("fewlabels.ssl.train.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("fewlabels.runtime.cpu_has_native_bf16", lambda: False)
     assert resolve_precision(cpu) == "32-true"
     assert resolve_precision(compose("pretrain", ["preset=tiny"]).trainer) == "32-true"
 

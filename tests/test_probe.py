@@ -9,12 +9,13 @@ from omegaconf import DictConfig
 
 from fewlabels.cli import main as cli_main
 from fewlabels.config import compose
+from fewlabels.evaluate import evaluate
+from fewlabels.models.checkpoint import CheckpointError, open_checkpoint
 from fewlabels.oracle import stats
 from fewlabels.oracle.database import sqlite_path
 from fewlabels.probe import features as features_module
 from fewlabels.probe import run as probe_run
-from fewlabels.probe.features import CheckpointError, open_checkpoint
-from fewlabels.probe.fit import KNNProbe, LabelPropagationProbe, LinearProbe, evaluate, top_k
+from fewlabels.probe.fit import KNNProbe, LabelPropagationProbe, LinearProbe, top_k
 from fewlabels.probe.select import cluster, select_random, select_typiclust
 from fewlabels.tracking import read_offline_run
 

@@ -3,6 +3,7 @@
 from fewlabels.data.fashion_mnist import (
     CLASSES,
     MEAN,
+    N_CLASSES,
     STD,
     DataFileError,
     TestSet,
@@ -12,6 +13,6 @@ from fewlabels.data.fashion_mnist import (
 )
 
 __all__ = [
-    "CLASSES", "MEAN", "STD", "DataFileError", "TestSet", "TrainImages",
+    "CLASSES", "MEAN", "N_CLASSES", "STD", "DataFileError", "TestSet", "TrainImages",
     "load_test_set", "load_train_images",
 ]

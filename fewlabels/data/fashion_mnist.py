@@ -24,6 +24,7 @@ CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+N_CLASSES = len(CLASSES)
 MEAN, STD = 0.2860, 0.3530  # pixel statistics of the training images, scaled to [0, 1]
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -1,7 +1,7 @@
 """Probes fit on the queried labels only: logistic regression, a weighted kNN, and label
-propagation over the unlabeled training images; and evaluation, the one place test labels are
-read. Every probe is ``fit(pool, ids, labels)``: ``pool`` holds the unit features of all training
-images, ``ids`` the queried ones, ``labels`` what the label database answered."""
+propagation over the unlabeled training images. Every probe is ``fit(pool, ids, labels)``:
+``pool`` holds the unit features of all training images, ``ids`` the queried ones, ``labels``
+what the label database answered."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-N_CLASSES = 10
+from fewlabels.data import N_CLASSES
 
 
 def unit_features(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,13 +139,3 @@ class LabelPropagationProbe(KNNProbe):
         if len(neighbours) != len(x) or neighbours.shape[1] != min(self.k, len(self._x)):
             raise ValueError("query_neighbours were computed for other queries or another k")
         return self.vote(neighbours, sims)
-
-
-def evaluate(predictions: np.ndarray, test_labels: np.ndarray) -> dict[str, object]:
-    """Accuracy, per-class accuracy and confusion matrix (rows: true class)."""
-    confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
-    np.add.at(confusion, (test_labels, predictions), 1)
-    per_class = confusion.diagonal() / confusion.sum(axis=1).clip(min=1)
-    return {"test_accuracy": float((predictions == test_labels).mean()),
-            "per_class_accuracy": [round(float(a), 4) for a in per_class],
-            "confusion_matrix": confusion.tolist()}

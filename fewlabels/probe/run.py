@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,21 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fewlabels.data import load_test_set, load_train_images
+from fewlabels.evaluate import evaluate
 from fewlabels.files import atomic_path, write_json_atomic
+from fewlabels.models.checkpoint import Checkpoint, newest_checkpoint, open_checkpoint
+from fewlabels.names import safe_name
 from fewlabels.oracle import Oracle, distinct_ids_revealed
-from fewlabels.probe.features import Checkpoint, features, newest_checkpoint, open_checkpoint
+from fewlabels.probe.features import features
 from fewlabels.probe.fit import (
     KNNProbe,
     LabelPropagationProbe,
     LinearProbe,
-    evaluate,
     knn_graph,
     top_k,
     unit_features,
 )
-from fewlabels.probe.select import select
+from fewlabels.probe.select import check_strategy, select
 from fewlabels.tracking import wandb_mode
 
 PROBES = ("linear", "knn", "labelprop")
@@ -59,12 +62,15 @@ class Embedded:
         name = f"{self.ckpt.sha256[:20]}-{len(self.train)}-knn{k}.npz"
         path = self.ckpt.folder / "features" / name
         if path.is_file():
-            with np.load(path) as saved:
-                self._graphs[k] = saved["neighbours"], saved["sims"]
-        else:
-            self._graphs[k] = knn_graph(self.train, k)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, neighbours=self._graphs[k][0], sims=self._graphs[k][1])
+            try:
+                with np.load(path, allow_pickle=False) as saved:
+                    self._graphs[k] = saved["neighbours"], saved["sims"]
+                return self._graphs[k]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                pass  # a truncated or damaged cache is built again and replaced below
+        self._graphs[k] = knn_graph(self.train, k)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, neighbours=self._graphs[k][0], sims=self._graphs[k][1])
         return self._graphs[k]
 
 
@@ -74,8 +80,24 @@ def _whole_numbers(**values: Any) -> None:
             raise ValueError(f"{key}={value!r}: must be a whole number >= 0")
 
 
-def embedded(cfg: DictConfig) -> Embedded:
+def validate(cfg: DictConfig, ns: list[int], strategies: list[str], probe: str) -> None:
+    """Every argument checked before any work is done or any row written."""
+    safe_name(cfg.run_tag, "run_tag", allow_empty=True)
     _whole_numbers(seeds=cfg.seeds, first_seed=cfg.first_seed)
+    for n in ns:
+        _whole_numbers(n=n)
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds={cfg.seeds}: must be at least 1")
+    n_pool = len(load_train_images().ids[: cfg.pool_limit])
+    for n in ns:
+        if not 1 <= n <= n_pool:
+            raise ValueError(f"n={n}: choose between 1 and {n_pool} labels")
+    for strategy in strategies:
+        check_strategy(strategy)
+    probe_names(probe)
+
+
+def embedded(cfg: DictConfig) -> Embedded:
     ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
     train_images = load_train_images().images[: cfg.pool_limit]
     train, test = features(ckpt, train_images, load_test_set().images, cfg.feature_batch_size,
@@ -182,7 +204,7 @@ def _table(summary: list[dict[str, Any]]) -> str:
 
 
 def probe(cfg: DictConfig) -> list[dict[str, Any]]:
-    _whole_numbers(n=cfg.n)
+    validate(cfg, [cfg.n], [cfg.strategy], cfg.probe)
     emb = embedded(cfg)
     summary = evaluate_n(cfg, emb, load_test_set().labels, cfg.strategy, cfg.n,
                          probe_names(cfg.probe))
@@ -191,6 +213,7 @@ def probe(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def curve(cfg: DictConfig) -> Path:
+    validate(cfg, list(cfg.curve.ns), list(cfg.curve.strategies), cfg.probe)
     emb = embedded(cfg)
     test_labels = load_test_set().labels
     probes = probe_names(cfg.probe)
@@ -242,6 +265,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
 
     Assumes accuracy grows with N between those two points (not guaranteed, and not checked).
     """
+    validate(cfg, list(cfg.search.grid), [cfg.strategy], cfg.search.probe)
     emb = embedded(cfg)
     test_labels = load_test_set().labels
     probes = probe_names(cfg.search.probe)

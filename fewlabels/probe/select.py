@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -64,13 +66,27 @@ def select_typiclust(features: np.ndarray, n: int, seed: int, neighbors: int = 2
     return np.array(chosen, dtype=np.int64)
 
 
+def _random(features: np.ndarray, n: int, seed: int, **_: int) -> np.ndarray:
+    return select_random(n, len(features), seed)
+
+
+# strategy name -> selection from the features of all training images (no label is read).
+STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
+    "random": _random,
+    "typiclust": select_typiclust,
+}
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: use one of {', '.join(STRATEGIES)}")
+
+
 def select(strategy: str, features: np.ndarray, n: int, seed: int, neighbors: int = 20,
            minibatch_above: int = 50, max_clusters: int = 500) -> np.ndarray:
-    if strategy == "random":
-        return select_random(n, len(features), seed)
-    if strategy == "typiclust":
-        return select_typiclust(features, n, seed, neighbors, minibatch_above, max_clusters)
-    raise ValueError(f"strategy={strategy!r}: use 'random' or 'typiclust'")
+    check_strategy(strategy)
+    return STRATEGIES[strategy](features, n, seed, neighbors=neighbors,
+                                minibatch_above=minibatch_above, max_clusters=max_clusters)
 
 
 def _check(n: int, n_total: int) -> None:

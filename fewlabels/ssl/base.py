@@ -14,8 +14,8 @@ from lightly.utils.scheduler import cosine_warmup_schedule
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Timer
 
-from fewlabels.ssl.augment import BatchedTwoViews, normalize_uint8
-from fewlabels.ssl.backbones import build_backbone
+from fewlabels.data.transforms import BatchedTwoViews, normalize_uint8
+from fewlabels.models.backbones import build_backbone
 
 
 def seconds(max_time: str | None) -> float | None:
@@ -49,7 +49,7 @@ def embedding_health(embeddings: torch.Tensor) -> dict[str, float]:
 
 
 class SSLMethod(pl.LightningModule):
-    """Base LightningModule; subclasses register themselves in :mod:`fewlabels.ssl`."""
+    """Base LightningModule; :data:`fewlabels.ssl.METHODS` maps ``method.name`` to subclasses."""
 
     def __init__(self, cfg: DictConfig, monitor_images: torch.Tensor | None = None) -> None:
         super().__init__()

@@ -13,10 +13,8 @@ from lightly.utils.scheduler import cosine_schedule
 from omegaconf import DictConfig
 
 from fewlabels.ssl.base import SSLMethod, cosine
-from fewlabels.ssl.registry import register
 
 
-@register("byol")
 class BYOL(SSLMethod):
     def __init__(self, cfg: DictConfig, monitor_images: torch.Tensor | None = None) -> None:
         super().__init__(cfg, monitor_images)

@@ -8,10 +8,8 @@ from lightly.models.modules import SimCLRProjectionHead
 from omegaconf import DictConfig
 
 from fewlabels.ssl.base import SSLMethod
-from fewlabels.ssl.registry import register
 
 
-@register("simclr")
 class SimCLR(SSLMethod):
     def __init__(self, cfg: DictConfig, monitor_images: torch.Tensor | None = None) -> None:
         super().__init__(cfg, monitor_images)

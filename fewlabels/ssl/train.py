@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -18,14 +15,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
 from fewlabels.config import to_yaml
 from fewlabels.data.fashion_mnist import FILES, load_train_images
-from fewlabels.files import atomic_path, write_json_atomic, write_text_atomic
-from fewlabels.ssl.augment import per_image_two_views
-from fewlabels.ssl.registry import method_class
+from fewlabels.data.transforms import per_image_two_views
+from fewlabels.files import write_json_atomic, write_text_atomic
+from fewlabels.models.checkpoint import (
+    BACKBONE_FILE,
+    CONFIG_FILE,
+    KIND_BACKBONE,
+    LAST_FILE,
+    PROVENANCE_FILE,
+    save_weights,
+)
+from fewlabels.names import safe_name
+from fewlabels.runtime import AtomicCheckpointIO, git_commit, hardware, resolve_precision
+from fewlabels.ssl import method_class
 from fewlabels.tracking import wandb_mode
 
 
@@ -78,70 +84,32 @@ def make_loader(cfg: DictConfig, images: np.ndarray) -> DataLoader:
     raise ValueError(f"data.augment={data.augment!r}: use 'batched' or 'per_image'")
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary file first: a killed run never leaves half a last.ckpt."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (measured on this 2-core
-    EPYC: 1.5x the fp32 images/s with channels_last, `make bench-precision`). Without them
-    bf16 is emulated, so ``auto`` stays fp32."""
-    try:
-        flags = set(cpuinfo.read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(trainer_cfg: DictConfig) -> str:
-    """``trainer.precision=auto``: bf16-mixed where the hardware computes bf16 natively (a CUDA
-    GPU that supports it, a CPU with AVX512-BF16/AMX); 16-mixed on an older CUDA GPU; 32-true on
-    other CPUs. Other values pass as is."""
-    if trainer_cfg.precision != "auto":
-        return trainer_cfg.precision
-    if trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-
-
 def run_name(cfg: DictConfig) -> str:
-    return cfg.run_name or f"{cfg.method.name}-{cfg.preset}-seed{cfg.seed}"
+    return safe_name(cfg.run_name or f"{cfg.method.name}-{cfg.preset}-seed{cfg.seed}",
+                     "run_name")
+
+
+def validate(cfg: DictConfig, n_images: int) -> None:
+    """Arguments checked before any file is written."""
+    run_name(cfg)
+    tr, data = cfg.trainer, cfg.data
+    if isinstance(tr.max_epochs, bool) or not isinstance(tr.max_epochs, int) or tr.max_epochs < 1:
+        raise ValueError(f"trainer.max_epochs={tr.max_epochs!r}: must be a whole number >= 1")
+    if not isinstance(data.batch_size, int) or not 1 <= data.batch_size <= n_images:
+        raise ValueError(f"data.batch_size={data.batch_size!r}: must be between 1 and the "
+                         f"{n_images} training images used (data.limit={data.limit})")
 
 
 def export_backbone(module: pl.LightningModule, cfg: DictConfig, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in module.backbone.state_dict().items()}
-    meta = {"feature_dim": str(module.feature_dim),
-            "backbone": json.dumps(OmegaConf.to_container(cfg.backbone, resolve=True))}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    save_weights(module.backbone, path, KIND_BACKBONE,
+                 OmegaConf.to_container(cfg.backbone, resolve=True), module.feature_dim,
+                 method=cfg.method.name, run_name=run_name(cfg))
 
 
 def pretrain(cfg: DictConfig) -> Path:
     """Train (or resume) the run named by ``cfg``; returns its checkpoint folder."""
+    images = load_train_images(cfg.data.dir).images[: cfg.data.limit]
+    validate(cfg, len(images))
     pl.seed_everything(cfg.seed, workers=True)
     name = run_name(cfg)
     ckpt_dir = Path(cfg.checkpoint_dir) / name
@@ -150,9 +118,8 @@ def pretrain(cfg: DictConfig) -> Path:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # a killed save leaves its temporary file
         for stale in ckpt_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    write_text_atomic(ckpt_dir / "config.yaml", to_yaml(cfg))
+    write_text_atomic(ckpt_dir / CONFIG_FILE, to_yaml(cfg))
 
-    images = load_train_images(cfg.data.dir).images[: cfg.data.limit]
     rng = np.random.default_rng(cfg.seed)
     monitor = torch.from_numpy(images[rng.permutation(len(images))[: cfg.monitor.health_images]])
     module = method_class(cfg.method.name)(cfg, monitor)
@@ -178,28 +145,35 @@ def pretrain(cfg: DictConfig) -> Path:
     if tr.channels_last:
         module = module.to(memory_format=torch.channels_last)
 
-    last = ckpt_dir / "last.ckpt"
+    last = ckpt_dir / LAST_FILE
     resume_from = last if last.exists() else None
-    commit = _git_commit()  # the code this run starts with, even if the tree changes meanwhile
+    commit = git_commit()  # the code this run starts with, even if the tree changes meanwhile
     started = time.time()
     trainer.fit(module, make_loader(cfg, images), ckpt_path=resume_from)
     wall = time.time() - started
+    ended_by = "epochs" if trainer.current_epoch >= tr.max_epochs else "time cap"
+    if ended_by == "time cap" and trainer.is_global_zero:
+        print(f"\nWARNING: trainer.max_time={tr.max_time} stopped {name} after "
+              f"{trainer.current_epoch} of {tr.max_epochs} epochs: this backbone is NOT the one "
+              "the command describes. Run the same command again to train the remaining epochs "
+              "(it resumes from last.ckpt).", flush=True)
     if trainer.is_global_zero:
-        export_backbone(module, cfg, ckpt_dir / "backbone.safetensors")
+        export_backbone(module, cfg, ckpt_dir / BACKBONE_FILE)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        write_json_atomic(ckpt_dir / "provenance.json", {
+        write_json_atomic(ckpt_dir / PROVENANCE_FILE, {
             "run_name": name, "method": cfg.method.name, "preset": cfg.preset,
             "backbone": cfg.backbone.name, "feature_dim": module.feature_dim,
-            "epochs_completed": trainer.current_epoch, "global_step": trainer.global_step,
+            "epochs_completed": trainer.current_epoch, "epochs_configured": tr.max_epochs,
+            "ended_by": ended_by, "global_step": trainer.global_step,
             "images": len(images), "wall_time_s_this_invocation": round(wall, 1),
             "resumed_from": str(resume_from) if resume_from else None,
-            "git_commit": commit, "hardware": _hardware(),
+            "git_commit": commit, "hardware": hardware(),
             "train_images_md5": FILES["train-images"].md5, "torch": torch.__version__,
             "wandb_run_id": logger.version, "final_metrics": metrics,
         })
         logger.experiment.summary.update({"wall_time_s": wall,
                                           "epochs_completed": trainer.current_epoch})
         logger.experiment.finish()
-        print(f"\nCheckpoint: {ckpt_dir}/backbone.safetensors ({trainer.current_epoch} epochs, "
+        print(f"\nCheckpoint: {ckpt_dir / BACKBONE_FILE} ({trainer.current_epoch} epochs, "
               f"{wall / 60:.1f} min). Probe it: make probe N=100 CKPT={ckpt_dir}")
     return ckpt_dir

@@ -3,6 +3,7 @@ ResNet for CPUs (timm's ResNet does not take widths below 64)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,13 +65,28 @@ def _timm_backbone(name: str, stem_kernel: int, stem_stride: int, stem_pool: boo
     return model
 
 
+def _narrow_resnet(cfg: Any) -> nn.Module:
+    return NarrowResNet(list(cfg.widths), list(cfg.blocks), cfg.stem_kernel, cfg.stem_stride)
+
+
+def _timm(cfg: Any) -> nn.Module:
+    return _timm_backbone(cfg.name.removeprefix("timm:"), cfg.stem_kernel, cfg.stem_stride,
+                          cfg.stem_pool)
+
+
+# backbone.name -> builder; "timm:<model>" names any timm model (the part before the colon is
+# the key).
+BACKBONES: dict[str, Callable[[Any], nn.Module]] = {
+    "narrow_resnet": _narrow_resnet,
+    "timm": _timm,
+}
+
+
 def build_backbone(cfg: Any) -> nn.Module:
-    """Backbone from ``cfg.backbone``; ``.num_features`` is the feature dimension."""
+    """Backbone from a ``backbone`` config section; ``.num_features`` is the feature dimension."""
     name: str = cfg.name
-    if name == "narrow_resnet":
-        return NarrowResNet(list(cfg.widths), list(cfg.blocks), cfg.stem_kernel, cfg.stem_stride)
-    if name.startswith("timm:"):
-        return _timm_backbone(name.removeprefix("timm:"), cfg.stem_kernel, cfg.stem_stride,
-                              cfg.stem_pool)
-    raise ValueError(f"backbone.name={name!r}: use 'narrow_resnet' or 'timm:<model>' "
-                     "(e.g. timm:resnet18)")
+    key = name.split(":", 1)[0]
+    if key not in BACKBONES or (key == "timm") != name.startswith("timm:"):
+        raise ValueError(f"backbone.name={name!r}: use 'narrow_resnet' or 'timm:<model>' "
+                         "(e.g. timm:resnet18)")
+    return BACKBONES[key](cfg)

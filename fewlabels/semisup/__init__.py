@@ -1,0 +1,41 @@
+"""Fine-tuning a pretrained backbone on the queried labels and the unlabeled pool.
+
+``ALGORITHMS`` maps ``algorithm.name`` to a :class:`~fewlabels.semisup.base.Learner` subclass
+and the function that reads its settings from the config (config stops here: the learners take
+typed, frozen settings). A new algorithm is one file, one line here and one YAML in
+``configs/finetune/algorithm/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fewlabels.semisup.base import BatchSettings, Learner, OptimizerSettings
+from fewlabels.semisup.fixmatch import FixMatch, FixMatchSettings
+from fewlabels.semisup.selftrain import SelfTrain, SelfTrainSettings
+from fewlabels.semisup.supervised import Supervised
+
+
+def _no_settings(cfg: Any) -> dict[str, Any]:
+    return {}
+
+
+def _fixmatch(cfg: Any) -> dict[str, Any]:
+    return {"settings": FixMatchSettings(float(cfg.threshold), float(cfg.lambda_u),
+                                         str(cfg.pseudo_label_model))}
+
+
+def _selftrain(cfg: Any) -> dict[str, Any]:
+    return {"settings": SelfTrainSettings(float(cfg.teacher_fraction), int(cfg.generations),
+                                          float(cfg.temperature), float(cfg.lambda_u))}
+
+
+ALGORITHMS: dict[str, tuple[type[Learner], Callable[[Any], dict[str, Any]]]] = {
+    "supervised": (Supervised, _no_settings),
+    "fixmatch": (FixMatch, _fixmatch),
+    "selftrain": (SelfTrain, _selftrain),
+}
+
+__all__ = ["ALGORITHMS", "BatchSettings", "FixMatch", "Learner", "OptimizerSettings",
+           "SelfTrain", "Supervised"]

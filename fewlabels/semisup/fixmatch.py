@@ -1,0 +1,51 @@
+"""FixMatch (Sohn et al., 2020): a confident prediction on a weak view of an unlabeled image is
+the target for a strong view of the same image. Pseudo-labels come from the EMA model (a mean
+teacher) or from the online model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fewlabels.semisup.base import Learner
+
+
+@dataclass(frozen=True)
+class FixMatchSettings:
+    threshold: float
+    lambda_u: float
+    pseudo_label_model: str  # ema | online
+
+
+class FixMatch(Learner):
+    def __init__(self, *args: Any, settings: FixMatchSettings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if settings.pseudo_label_model not in ("ema", "online"):
+            raise ValueError(f"algorithm.pseudo_label_model={settings.pseudo_label_model!r}: "
+                             "use 'ema' or 'online'")
+        self.settings = settings
+
+    def train_step(self, x_lb: torch.Tensor, y_lb: torch.Tensor, x_ulb_weak: torch.Tensor | None,
+                   x_ulb_strong: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        assert x_ulb_weak is not None and x_ulb_strong is not None
+        s = self.settings
+        if s.pseudo_label_model == "ema":
+            probs = self.teacher_probs(self.ema_model, x_ulb_weak)
+            logits = self.model(torch.cat([x_lb, x_ulb_strong]))
+            logits_lb, logits_strong = logits[:len(x_lb)], logits[len(x_lb):]
+        else:  # FixMatch as published: one forward over all three, the weak part detached
+            logits = self.model(torch.cat([x_lb, x_ulb_weak, x_ulb_strong]))
+            logits_lb = logits[:len(x_lb)]
+            logits_weak, logits_strong = logits[len(x_lb):].float().chunk(2)
+            probs = torch.softmax(logits_weak.detach(), dim=1)
+        confidence, pseudo = probs.max(dim=1)
+        mask = (confidence >= s.threshold).float()
+        loss_lb = self.supervised_loss(logits_lb, y_lb)
+        loss_ulb = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()
+        return loss_lb + s.lambda_u * loss_ulb, {
+            "train/loss_lb": loss_lb.detach(), "train/loss_ulb": loss_ulb.detach(),
+            "train/accuracy_lb": (logits_lb.argmax(1) == y_lb).float().mean(),
+            **self.log_pseudo_labels(pseudo, mask)}

@@ -1,0 +1,245 @@
+"""Fine-tuning: tiny real runs (the tiny pretrained checkpoint, a 2,048-image pool, tens of
+steps), the FixMatch and self-training steps, resume after a kill, and the honesty checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fewlabels.config import ConfigError, compose
+from fewlabels.data import load_train_images
+from fewlabels.data.transforms import StrongView, WeakView
+from fewlabels.models import (
+    BACKBONE_FILE,
+    CLASSIFIER_FILE,
+    Classifier,
+    NarrowResNet,
+    load_classifier,
+    newest_checkpoint,
+    open_checkpoint,
+    save_weights,
+)
+from fewlabels.models.checkpoint import KIND_CLASSIFIER
+from fewlabels.oracle import stats
+from fewlabels.semisup import FixMatch, SelfTrain
+from fewlabels.semisup.base import BatchSettings, OptimizerSettings, ema_decay_at
+from fewlabels.semisup.fixmatch import FixMatchSettings
+from fewlabels.semisup.run import PREDICTIONS_FILE, SELECTION_FILE, finetune, seed_run
+from fewlabels.semisup.selftrain import SelfTrainSettings
+from fewlabels.tracking import read_offline_run
+
+
+def finetune_config(ckpt: Path, tmp: Path, *overrides: str):
+    return compose("finetune", ["preset=tiny", f"checkpoint={ckpt}",
+                                f"checkpoint_dir={tmp / 'ckpt'}", f"results_dir={tmp / 'results'}",
+                                f"logger.dir={tmp}", *overrides])
+
+
+def tiny_learner(cls, steps: int = 10, **kwargs):
+    images = torch.from_numpy(load_train_images().images[:256])
+    labels = torch.arange(32) % 10
+    model = Classifier(NarrowResNet([8, 8, 16, 16], [1, 1, 1, 1]), 10)
+    return cls(model, images[:32], labels, images, BatchSettings(8, 2, 0, False),
+               OptimizerSettings(0.03, 0.9, True, 5e-4, 1, steps), 0.999, WeakView(),
+               StrongView(), **kwargs)
+
+
+def views(learner, step: int = 0):
+    idx_lb, y_lb, idx_ulb = learner._draw(step)
+    assert idx_ulb is not None
+    unlabeled = learner.pool_images[idx_ulb]
+    return (learner.weak(learner.labeled_images[idx_lb]), y_lb, learner.weak(unlabeled),
+            learner.strong(unlabeled))
+
+
+def test_fixmatch_step_is_finite_masks_by_threshold_and_moves_the_ema():
+    torch.manual_seed(0)
+    strict = tiny_learner(FixMatch, settings=FixMatchSettings(1.0, 1.0, "online"))
+    loss, logs = strict.train_step(*views(strict))
+    assert torch.isfinite(loss)
+    assert logs["train/loss_ulb"].item() == 0.0 and logs["train/mask_rate"].item() == 0.0
+    assert torch.allclose(loss, logs["train/loss_lb"])
+
+    lax = tiny_learner(FixMatch, settings=FixMatchSettings(0.0, 1.0, "ema"))
+    loss, logs = lax.train_step(*views(lax))
+    assert logs["train/mask_rate"].item() == 1.0 and logs["train/loss_ulb"].item() > 0
+    share = torch.stack([logs[f"pseudo/class_{c}"] for c in range(10)])
+    assert share.sum().item() == pytest.approx(1.0)
+
+    before = [p.detach().clone() for p in lax.ema_model.parameters()]
+    optimizer = torch.optim.SGD(lax.model.parameters(), lr=0.1)
+    loss.backward()
+    optimizer.step()
+    lax._update_ema()
+    moved = [not torch.equal(a, b) for a, b in zip(before, lax.ema_model.parameters(),
+                                                    strict=True)]
+    differs = [not torch.equal(a, b) for a, b in zip(lax.model.parameters(),
+                                                     lax.ema_model.parameters(), strict=True)]
+    assert any(moved) and any(differs)
+    for ema_buf, buf in zip(lax.ema_model.buffers(), lax.model.buffers(), strict=True):
+        assert torch.equal(ema_buf, buf)  # BatchNorm statistics follow the online model
+    assert ema_decay_at(0, 0.999) == 0.1 and ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_selftrain_phases_and_teacher_handover():
+    learner = tiny_learner(SelfTrain, steps=10, settings=SelfTrainSettings(0.3, 2, 1.0, 1.0))
+    assert learner.generation_starts == [3, 7]
+    assert not learner.needs_unlabeled(2) and learner.needs_unlabeled(3)
+    assert learner._draw(0)[2] is None  # no unlabeled image drawn for the first teacher
+    x_lb, y_lb, weak, strong = views(learner, step=5)
+    loss, logs = learner.train_step(x_lb, y_lb, None, None)  # the first teacher: labels only
+    assert torch.isfinite(loss) and "train/loss_ulb" not in logs
+    loss, logs = learner.train_step(x_lb, y_lb, weak, strong)
+    assert torch.isfinite(loss) and logs["train/loss_ulb"].item() >= 0
+    with torch.no_grad():
+        next(learner.ema_model.parameters()).add_(1.0)
+    learner._trainer = type("T", (), {"global_step": 3})()  # what Lightning provides
+    learner.on_train_batch_start(None, 0)
+    assert torch.equal(next(learner.teacher.parameters()), next(learner.ema_model.parameters()))
+
+
+def test_views_keep_shape_and_differ():
+    images = torch.from_numpy(load_train_images().images[:64])
+    weak, strong = WeakView()(images), StrongView()(images)
+    assert weak.shape == strong.shape == (64, 1, 28, 28)
+    assert weak.dtype == strong.dtype == torch.float32
+    assert not torch.allclose(weak, strong)
+    assert torch.isfinite(strong).all()
+
+
+@pytest.mark.slow
+def test_finetune_counts_queries_learns_and_logs(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = finetune_config(tiny_checkpoint, tmp_path, "n=20", "seeds=1", "algorithm=fixmatch")
+    (result,) = finetune(cfg)
+    run = seed_run(cfg, open_checkpoint(tiny_checkpoint), 0)
+    revealed = {s.run_id: s.labels_revealed for s in stats()}
+    assert revealed == {run.oracle_run_id: 20}
+    assert result["n_queries"] == 20 and result["steps"] == cfg.trainer.steps
+    assert result["ended_by"] == "steps"
+    assert result["train_accuracy_on_queried"] > 0.3  # chance is 0.1
+    assert result["test_accuracy"] > 0.2
+    saved = json.loads(run.result_file.read_text())
+    assert saved["test_accuracy"] == result["test_accuracy"]
+    assert len(saved["per_class_accuracy"]) == 10 and len(saved["confusion_matrix"]) == 10
+    model = load_classifier(run.folder / CLASSIFIER_FILE)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+    logged = read_offline_run(next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")))
+    keys = {k for row in logged["history"] for k in row}
+    assert {"train/loss", "train/mask_rate", "pseudo/class_0", "lr-SGD/pg1"} <= keys
+    assert logged["summary"]["n_queries"] == 20
+    assert logged["summary"]["test_accuracy"] == pytest.approx(result["test_accuracy"])
+
+    # Again: read back, nothing trained or revealed.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (again,) = finetune(cfg)
+    assert again == saved
+    assert {s.run_id: s.labels_revealed for s in stats()} == revealed
+    # A fine-tuned classifier is never taken for the newest pretrained backbone: this folder
+    # holds only fine-tuned output.
+    assert (tmp_path / "ckpt" / "finetuned").is_dir()
+    with pytest.raises(ValueError, match="no checkpoint"):
+        newest_checkpoint(tmp_path / "ckpt")
+
+
+def test_newest_checkpoint_skips_classifiers(tiny_checkpoint, tmp_path):
+    import shutil
+
+    ckpt_dir = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt_dir / "pretrained")
+    time.sleep(0.01)
+    impostor = ckpt_dir / "impostor"
+    impostor.mkdir()
+    model = Classifier(NarrowResNet([8, 8, 16, 16], [1, 1, 1, 1]), 10)
+    save_weights(model, impostor / BACKBONE_FILE, KIND_CLASSIFIER, {"name": "narrow_resnet"},
+                 16, num_classes="10")
+    (impostor / "config.yaml").write_text("{}")
+    assert newest_checkpoint(ckpt_dir) == ckpt_dir / "pretrained"
+    with pytest.raises(ValueError, match="not a pretrained backbone"):
+        open_checkpoint(impostor)
+
+
+@pytest.mark.slow
+def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_path,
+                                                            monkeypatch):
+    """The whole command, run with the real test labels and with permuted ones: the same ids are
+    queried and the same predictions made; only the reported accuracy differs."""
+    from fewlabels.data import fashion_mnist
+    from fewlabels.semisup import run as run_module
+
+    real = fashion_mnist.load_test_set()
+    permuted = type(real)(real.images, np.random.default_rng(0).permutation(real.labels))
+    outcomes = []
+    for tag, test_set in (("real-", real), ("permuted-", permuted)):
+        monkeypatch.setattr(run_module, "load_test_set", lambda test_set=test_set: test_set)
+        cfg = finetune_config(tiny_checkpoint, tmp_path, "n=20", "seeds=1",
+                              "algorithm=supervised", f"run_tag={tag}", "trainer.steps=10")
+        (result,) = finetune(cfg)
+        folder = seed_run(cfg, open_checkpoint(tiny_checkpoint), 0).folder
+        outcomes.append((json.loads((folder / SELECTION_FILE).read_text())["ids"],
+                         np.load(folder / PREDICTIONS_FILE), result["test_accuracy"]))
+    assert outcomes[0][0] == outcomes[1][0]
+    assert np.array_equal(outcomes[0][1], outcomes[1][1])
+    assert outcomes[0][2] != outcomes[1][2]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("n=0", "n=0"), ("seeds=0", "seeds=0"), ("strategy=nope", "strategy='nope'"),
+    ("n=5000", "the pool has 2048 images"), ("trainer.steps=0", "trainer.steps=0"),
+])
+def test_bad_arguments_fail_before_any_query(tiny_checkpoint, tmp_path, override, message):
+    cfg = finetune_config(tiny_checkpoint, tmp_path, override)
+    with pytest.raises(ValueError, match=message):
+        finetune(cfg)
+    assert not (tmp_path / "ckpt").exists()
+    db = Path(tmp_path / "labels.sqlite")
+    assert not db.exists() or stats() == []
+
+
+def test_unknown_algorithm_is_a_config_error(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="algorithm"):
+        finetune_config(tiny_checkpoint, tmp_path, "algorithm=nope")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_adds_no_queries(tiny_checkpoint, tmp_path, subprocess_env):
+    script = Path(sys.executable).parent / "fewlabels"
+    args = [str(script), "finetune", "preset=tiny", f"checkpoint={tiny_checkpoint}",
+            f"checkpoint_dir={tmp_path / 'ckpt'}", f"results_dir={tmp_path / 'results'}",
+            f"logger.dir={tmp_path}", "n=20", "seeds=1", "algorithm=fixmatch",
+            "trainer.steps=400", "trainer.steps_per_epoch=5"]
+    env = subprocess_env(WANDB_MODE="disabled")
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    folder = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = list((tmp_path / "ckpt" / "finetuned").glob("*/last.ckpt"))
+        if found:
+            folder = found[0].parent
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    assert folder is not None and not (folder / CLASSIFIER_FILE).exists()
+    saved_step = torch.load(folder / "last.ckpt", weights_only=False,
+                            map_location="cpu")["global_step"]
+    assert 0 < saved_step < 400
+    before = {s.run_id: s.labels_revealed for s in stats()}
+    assert list(before.values()) == [20]
+
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next((tmp_path / "results").glob("finetune-*.json")).read_text())
+    assert result["resumed_from_step"] == saved_step  # trained only the remaining steps
+    assert result["steps"] == 400
+    assert {s.run_id: s.labels_revealed for s in stats()} == before
