@@ -95,12 +95,12 @@ class Learner(pl.LightningModule):
     @torch.no_grad()
     def teacher_probs(self, teacher: nn.Module, x: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
-        """Class probabilities of ``teacher`` (in eval mode: BatchNorm running statistics)."""
-        was_training = teacher.training
-        teacher.eval()
-        probs = torch.softmax(teacher(self._format(x)).float() / temperature, dim=1)
-        teacher.train(was_training)
-        return probs
+        """Class probabilities of a teacher (the EMA model, or self-training's frozen one) on a
+        batch of weak views. BatchNorm normalizes with the statistics of this batch of weak views
+        (train mode), not with running statistics that strong views also shaped; the teacher's
+        running statistics are not used for anything (the EMA copies the online model's)."""
+        teacher.train()
+        return torch.softmax(teacher(self._format(x)).float() / temperature, dim=1)
 
     def log_pseudo_labels(self, pseudo: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         """Mask rate and class balance of the pseudo-labels that count (no hidden label used)."""
@@ -179,6 +179,24 @@ class Learner(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, images: torch.Tensor, batch_size: int = 1024) -> None:
+        """Running statistics of the EMA model's BatchNorm layers recomputed on plain (not
+        augmented) unlabeled images: during training they mixed weak and strong views. Uses no
+        label."""
+        layers = [m for m in self.ema_model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        self.ema_model.train()
+        for chunk in images.split(batch_size):
+            self.ema_model(self._format(normalize_uint8(chunk.to(self.device))))
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
+        self.ema_model.eval()
 
     @torch.no_grad()
     def predict_logits(self, images: torch.Tensor, batch_size: int = 1024,

@@ -178,6 +178,9 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
               f"trainer.max_time={cfg.trainer.max_time} fired. Its result is NOT the configured "
               "run; run the same command again to finish it.", flush=True)
 
+    calibration = torch.from_numpy(pool[np.random.default_rng(seed).permutation(len(pool))[
+        :cfg.trainer.batchnorm_calibration_images]])
+    learner.calibrate_batchnorm(calibration, cfg.trainer.eval_batch_size)
     predictions = learner.predict_logits(torch.from_numpy(test_images),
                                          cfg.trainer.eval_batch_size).argmax(1).numpy()
     train_pred = learner.predict_logits(torch.from_numpy(pool[ids]),
