@@ -54,6 +54,7 @@ def tiny_learner(cls, steps: int = 10, **kwargs):
 def views(learner, step: int = 0):
     idx_lb, y_lb, idx_ulb = learner._draw(step)
     assert idx_ulb is not None
+    learner.ulb_idx = idx_ulb  # as training_step sets it
     unlabeled = learner.pool_images[idx_ulb]
     return (learner.weak(learner.labeled_images[idx_lb]), y_lb, learner.weak(unlabeled),
             learner.strong(unlabeled))
@@ -243,3 +244,21 @@ def test_killed_run_resumes_and_adds_no_queries(tiny_checkpoint, tmp_path, subpr
     assert result["resumed_from_step"] == saved_step  # trained only the remaining steps
     assert result["steps"] == 400
     assert {s.run_id: s.labels_revealed for s in stats()} == before
+
+
+def test_flexmatch_thresholds_follow_the_curriculum():
+    from fewlabels.semisup import FlexMatch
+
+    learner = tiny_learner(FlexMatch, settings=FixMatchSettings(0.95, 1.0, "ema"))
+    assert torch.equal(learner.class_thresholds(), torch.zeros(10))  # warm-up: nothing learned
+    learner.selected_label[:150] = 0
+    learner.selected_label[150:200] = 1
+    t = learner.class_thresholds()
+    assert t[0].item() == pytest.approx(0.95) and 0 < t[1].item() < t[0].item()
+    assert t[2].item() == 0.0
+    learner.ulb_idx = torch.tensor([200, 201, 202])
+    mask = learner.pseudo_label_mask(torch.tensor([0.99, 0.5, 0.97]), torch.tensor([2, 3, 0]))
+    assert mask.tolist() == [True, True, True]  # class 2 and 3 thresholds are 0, class 0's 0.95
+    assert learner.selected_label[200:203].tolist() == [2, -1, 0]  # only confident ones count
+    loss, logs = learner.train_step(*views(learner))
+    assert torch.isfinite(loss) and "threshold/class_0" in logs

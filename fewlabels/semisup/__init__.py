@@ -13,6 +13,7 @@ from typing import Any
 
 from fewlabels.semisup.base import BatchSettings, Learner, OptimizerSettings
 from fewlabels.semisup.fixmatch import FixMatch, FixMatchSettings
+from fewlabels.semisup.flexmatch import FlexMatch
 from fewlabels.semisup.selftrain import SelfTrain, SelfTrainSettings
 from fewlabels.semisup.supervised import Supervised
 
@@ -34,8 +35,9 @@ def _selftrain(cfg: Any) -> dict[str, Any]:
 ALGORITHMS: dict[str, tuple[type[Learner], Callable[[Any], dict[str, Any]]]] = {
     "supervised": (Supervised, _no_settings),
     "fixmatch": (FixMatch, _fixmatch),
+    "flexmatch": (FlexMatch, _fixmatch),
     "selftrain": (SelfTrain, _selftrain),
 }
 
-__all__ = ["ALGORITHMS", "BatchSettings", "FixMatch", "Learner", "OptimizerSettings",
+__all__ = ["ALGORITHMS", "BatchSettings", "FixMatch", "FlexMatch", "Learner", "OptimizerSettings",
            "SelfTrain", "Supervised"]

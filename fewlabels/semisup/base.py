@@ -75,6 +75,7 @@ class Learner(pl.LightningModule):
         self.labeled_images, self.labels, self.pool_images = labeled_images, labels, pool_images
         self._last_batch_end: float | None = None
         self.start_step = 0
+        self.ulb_idx: torch.Tensor | None = None
 
     # -- what an algorithm writes --------------------------------------------------------------
     def train_step(self, x_lb: torch.Tensor, y_lb: torch.Tensor, x_ulb_weak: torch.Tensor | None,
@@ -124,6 +125,7 @@ class Learner(pl.LightningModule):
         idx_lb, y_lb, idx_ulb = self._draw(self.global_step)
         x_lb = self._format(self.weak(self.labeled_images[idx_lb].to(self.device)))
         x_weak = x_strong = None
+        self.ulb_idx = idx_ulb  # which pool images this step's unlabeled views are of
         if idx_ulb is not None:
             unlabeled = self.pool_images[idx_ulb].to(self.device)
             x_weak, x_strong = self._format(self.weak(unlabeled)), self._format(

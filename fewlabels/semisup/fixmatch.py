@@ -28,6 +28,10 @@ class FixMatch(Learner):
                              "use 'ema' or 'online'")
         self.settings = settings
 
+    def pseudo_label_mask(self, confidence: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """Which pseudo-labels count: FixMatch's one fixed threshold."""
+        return confidence >= self.settings.threshold
+
     def train_step(self, x_lb: torch.Tensor, y_lb: torch.Tensor, x_ulb_weak: torch.Tensor | None,
                    x_ulb_strong: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
         assert x_ulb_weak is not None and x_ulb_strong is not None
@@ -42,7 +46,7 @@ class FixMatch(Learner):
             logits_weak, logits_strong = logits[len(x_lb):].float().chunk(2)
             probs = torch.softmax(logits_weak.detach(), dim=1)
         confidence, pseudo = probs.max(dim=1)
-        mask = (confidence >= s.threshold).float()
+        mask = self.pseudo_label_mask(confidence, pseudo).float()
         loss_lb = self.supervised_loss(logits_lb, y_lb)
         loss_ulb = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()
         return loss_lb + s.lambda_u * loss_ulb, {
