@@ -14,8 +14,27 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from fewlabels.files import atomic_path
 
 
+class CheckpointFileError(ValueError):
+    """A resume checkpoint (last.ckpt) cannot be read."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary file first: a killed run never leaves half a last.ckpt."""
+    """Checkpoints go to a temporary file first: a killed run never leaves half a last.ckpt.
+    They are read back with ``weights_only=True``: a file handed to us runs no pickle code, and
+    a damaged one is an error that names it."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        import pickle
+        import zipfile
+
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile,
+                pickle.UnpicklingError) as err:
+            raise CheckpointFileError(
+                f"{path} cannot be loaded ({err}); it is damaged or not a checkpoint of this "
+                f"project. Move it away to start that run from scratch, or restore it.") from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any = None) -> None:

@@ -104,5 +104,12 @@ def test_missing_files_are_downloaded_and_verified(tmp_path, monkeypatch):
     assert labels.shape == (10000,)
     monkeypatch.setenv("FASHION_MNIST_URL", (tmp_path / "empty").as_uri())
     with pytest.raises(fm.DataFileError, match="could not be downloaded.*dataset-fashion-mnist"):
-        fm.load_array("train-labels")
+        fm.read_train_labels_for_label_database()
     assert not list((tmp_path / "data" / "fashion-mnist").glob("train-labels*"))
+
+
+def test_the_training_labels_have_one_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWLABELS_DATA", str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="label database alone"):
+        fm.load_array("train-labels")
+    assert not (tmp_path / "data" / "cache" / "train-labels.npy").exists()

@@ -91,3 +91,12 @@ def test_a_truncated_graph_cache_is_rebuilt(tiny_checkpoint, tmp_path):
     graph.write_bytes(graph.read_bytes()[:300])
     again = probe_run.embedded(cfg).graph(5)
     assert np.array_equal(first[0], again[0]) and np.allclose(first[1], again[1])
+
+
+def test_a_damaged_last_ckpt_is_named_with_the_fix(tiny_config, tmp_path):
+    cfg = tiny_config(tmp_path, "trainer.max_epochs=1")
+    folder = pretrain(cfg)
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="last.ckpt cannot be loaded.*Move it away"):
+        pretrain(tiny_config(tmp_path, "trainer.max_epochs=2"))

@@ -165,7 +165,11 @@ def _cache_is_valid(array: np.ndarray, spec: IdxFile) -> bool:
 
 
 def load_array(name: str, data_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
-    """One verified array; decoded ``.npy`` cache under ``data/cache`` checked against the MD5."""
+    """One verified array; decoded ``.npy`` cache under ``data/cache`` checked against the MD5.
+    Not for the training labels: the label database alone reads those."""
+    if name == "train-labels":
+        raise ValueError("the training labels are read by the label database alone: ask "
+                         "fewlabels.oracle.Oracle for the labels of the ids you choose")
     spec = FILES[name]
     cache = data_root() / "cache" / f"{name}.npy"
     if cache.is_file():
