@@ -100,3 +100,73 @@ def test_a_damaged_last_ckpt_is_named_with_the_fix(tiny_config, tmp_path):
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(ValueError, match="last.ckpt cannot be loaded.*Move it away"):
         pretrain(tiny_config(tmp_path, "trainer.max_epochs=2"))
+
+
+def _db_path() -> Path:
+    import os
+
+    from fewlabels.oracle.database import sqlite_path
+
+    return sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "not a readable SQLite label database"),
+    ("no_tables", "lacks the tables"),
+])
+def test_a_damaged_label_database_is_named_with_the_fix(damage, message):
+    import sqlite3
+
+    from fewlabels.oracle import LabelDatabaseError, Oracle
+
+    path = _db_path()
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    else:
+        sqlite3.connect(path).execute("CREATE TABLE other (x)").connection.close()
+    with pytest.raises(LabelDatabaseError, match=message) as caught:
+        Oracle("r", budget=1).query([0])
+    assert str(path) in str(caught.value)
+
+
+def test_sqlite_errors_are_explained(tmp_path):
+    """A read-only file cannot be made as root (CI runs as root), so the mapping is checked on
+    the error sqlite3 raises for it."""
+    import sqlite3
+
+    from fewlabels.oracle.database import explain
+
+    path = tmp_path / "labels.sqlite"
+    for text, expected in [("attempt to write a readonly database", "cannot be written"),
+                           ("unable to open database file", "cannot be written"),
+                           ("file is not a database", "not a readable SQLite"),
+                           ("database is locked", "locked by another process"),
+                           ("no such table: labels", "lacks the tables")]:
+        err = explain(sqlite3.OperationalError(text), path)
+        assert expected in str(err) and str(path) in str(err)
+
+
+def test_a_lock_held_too_long_is_named_and_the_wait_is_said(monkeypatch, capsys):
+    import sqlite3
+
+    from fewlabels.oracle import LabelDatabaseError, Oracle, database, ensure_database
+
+    path = ensure_database()
+    monkeypatch.setattr(database, "LOCK_TIMEOUT_S", 0.5)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LabelDatabaseError, match="locked by another process"):
+            Oracle("r", budget=1)
+        assert "waiting up to" in capsys.readouterr().err
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert Oracle("r", budget=1).query([0]).shape == (1,)
+
+
+def test_a_new_database_is_announced(capsys):
+    from fewlabels.oracle import ensure_database
+
+    ensure_database()
+    assert "building a new one" in capsys.readouterr().err

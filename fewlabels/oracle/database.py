@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,12 +58,60 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len(prefix):])
 
 
+LOCK_TIMEOUT_S = 60.0
+
+
+def explain(err: sqlite3.Error, path: Path) -> LabelDatabaseError:
+    """A sqlite3 error as a LabelDatabaseError that names the file, the fault and the fix."""
+    text = str(err)
+    if "not a database" in text or "malformed" in text:
+        why = ("is not a readable SQLite label database (damaged, or another kind of file). Move "
+               "it away and run 'make setup' to build a new one; the record of past queries "
+               "lives in that file")
+    elif "readonly" in text or "unable to open" in text:
+        why = ("cannot be written (a read-only file or folder). The database records every label "
+               "it reveals, so it must be writable: fix its permissions or point "
+               "FEWLABELS_LABEL_DB at a writable copy")
+    elif "no such table" in text:
+        why = ("lacks the tables of a fewlabels label database (labels, runs, queries). Point "
+               "FEWLABELS_LABEL_DB at the database 'make setup' built, or move this file away")
+    elif "locked" in text or "busy" in text:
+        why = (f"stayed locked by another process for more than {LOCK_TIMEOUT_S:.0f} s. Wait "
+               "for that process to finish, or stop it")
+    else:
+        why = "could not be used"
+    return LabelDatabaseError(f"label database {path} {why} (sqlite: {text})")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses no commit
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses no commit
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("SELECT 1 FROM labels LIMIT 1")
+    except sqlite3.Error as err:
+        raise explain(err, path) from err
     return conn
+
+
+def _begin_immediate(conn: sqlite3.Connection, path: Path) -> None:
+    """Take the write lock; say so when another process holds it and we have to wait."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return
+    except sqlite3.OperationalError as err:
+        if "locked" not in str(err) and "busy" not in str(err):
+            raise explain(err, path) from err
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT_S * 1000)}")
+    print(f"fewlabels: waiting up to {LOCK_TIMEOUT_S:.0f} s for the label database {path}, "
+          "locked by another process", file=sys.stderr, flush=True)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as err:
+        raise explain(err, path) from err
 
 
 def ensure_database(url: str | None = None) -> Path:
@@ -70,6 +119,9 @@ def ensure_database(url: str | None = None) -> Path:
     path = sqlite_path(url or default_url())
     if path.exists():
         return path
+    print(f"fewlabels: no label database at {path}: building a new one (60,000 labels, no "
+          "query recorded yet). If you meant an existing one, check FEWLABELS_LABEL_DB.",
+          file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = read_train_labels_for_label_database()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.building")
@@ -120,17 +172,20 @@ class Oracle:
         if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0 or None, got {budget}")
         self.run_id, self.purpose = run_id, purpose
-        self._conn = _connect(ensure_database(url))
+        self._path = ensure_database(url)
+        self._conn = _connect(self._path)
         self._n_images = self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
-        self._conn.execute("BEGIN IMMEDIATE")
+        _begin_immediate(self._conn, self._path)
         try:
             self._conn.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
                                (run_id, budget, time.time()))
             stored = self._conn.execute("SELECT budget FROM runs WHERE run_id = ?",
                                         (run_id,)).fetchone()[0]
             self._conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as err:
             self._conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error):
+                raise explain(err, self._path) from err
             raise
         if stored != budget:
             raise ValueError(f"run {run_id!r} was created with budget {stored}, not {budget}: "
@@ -153,7 +208,7 @@ class Oracle:
         if not wanted:
             return np.zeros(0, dtype=np.int64)
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")  # one writer at a time: the budget check cannot race
+        _begin_immediate(conn, self._path)  # one writer at a time: the budget check cannot race
         try:
             conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (pos INTEGER, image_id INTEGER)")
             conn.execute("DELETE FROM wanted")
@@ -174,8 +229,10 @@ class Oracle:
             rows = conn.execute("SELECT l.label FROM wanted w JOIN labels l "
                                 "ON l.image_id = w.image_id ORDER BY w.pos").fetchall()
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as err:
             conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error):
+                raise explain(err, self._path) from err
             raise
         return np.array([r[0] for r in rows], dtype=np.int64)
 
