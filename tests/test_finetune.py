@@ -262,3 +262,32 @@ def test_flexmatch_thresholds_follow_the_curriculum():
     assert learner.selected_label[200:203].tolist() == [2, -1, 0]  # only confident ones count
     loss, logs = learner.train_step(*views(learner))
     assert torch.isfinite(loss) and "threshold/class_0" in logs
+
+
+NO_TRAIN_LABEL_FILE = """
+import os, sys
+def guard(event, args):
+    name = os.path.basename(str(args[0])) if event == "open" and args else ""
+    if "train-labels" in name:
+        print("OPENED", args[0], flush=True)
+        os._exit(99)
+sys.addaudithook(guard)
+from fewlabels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_finetuning_reads_training_labels_only_through_the_database(tiny_checkpoint, tmp_path,
+                                                                    subprocess_env):
+    from fewlabels.oracle import ensure_database
+
+    ensure_database()  # built beforehand: from here on, labels come from its queries alone
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TRAIN_LABEL_FILE, "finetune", "preset=tiny", "n=20", "seeds=1",
+         "trainer.steps=5", f"checkpoint={tiny_checkpoint}", f"checkpoint_dir={tmp_path / 'c'}",
+         f"results_dir={tmp_path / 'r'}", f"logger.dir={tmp_path}"],
+        env=subprocess_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "OPENED" not in proc.stdout
+    assert len(list((tmp_path / "r").glob("finetune-*.json"))) == 1
