@@ -212,3 +212,7 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, subprocess_env):
     assert provenance["global_step"] == target_epochs * (128 // 32)
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{provenance['wandb_run_id']}"))
     assert len(runs) == 2  # both invocations wrote to the same W&B run id
+    second = read_offline_run(sorted(runs)[-1] / f"run-{provenance['wandb_run_id']}.wandb")
+    steps = [row["trainer/global_step"] for row in second["history"]
+             if "trainer/global_step" in row]
+    assert steps and min(steps) >= saved["global_step"]  # it trained only what was left
