@@ -13,14 +13,12 @@ Usage: python benchmarks/bench_finetune.py [--preset cpu|gpu] [--algorithm fixma
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from turns import median, parser, runs_text, take_turns
 
 from fewlabels.config import compose
 from fewlabels.data import load_train_images
@@ -95,37 +93,29 @@ def ready_views(cfg, images, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--algorithm", default="fixmatch")
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    p = parser(__doc__, steps=15)
+    p.add_argument("--algorithm", default="fixmatch")
+    args = p.parse_args()
     cfg = compose("finetune", [f"preset={args.preset}", f"algorithm={args.algorithm}"])
     cfg.trainer.precision = resolve_precision(cfg.trainer)
     images = load_train_images().images
     per_step = learner(cfg, images[:300]).batches.images_per_step(args.algorithm != "supervised")
-    rates: dict[str, list[float]] = {"a": [], "b": []}
-    for _ in range(args.repeats):  # taking turns: a, b, a, b, ...
-        rates["a"].append(per_step / shipped(cfg, images, args.steps, args.warmup))
-        rates["b"].append(per_step / ready_views(cfg, images, args.steps, args.warmup))
-    a, b = statistics.median(rates["a"]), statistics.median(rates["b"])
+    runs = take_turns({
+        "a": lambda: per_step / shipped(cfg, images, args.steps, args.warmup),
+        "b": lambda: per_step / ready_views(cfg, images, args.steps, args.warmup),
+    }, args.repeats)
+    a, b = median(runs["a"]), median(runs["b"])
     print(f"\npreset={args.preset} algorithm={args.algorithm} images/step={per_step} "
           f"precision={cfg.trainer.precision} channels_last={cfg.trainer.channels_last} "
           f"steps={args.steps} (after {args.warmup} warm-up), median of {args.repeats} runs "
           "taking turns")
-    print(f"(a) shipped step             : {a:8.0f} img/s  (runs: "
-          f"{', '.join(f'{v:.0f}' for v in rates['a'])})")
-    print(f"(b) compute limit, ready views: {b:8.0f} img/s  (runs: "
-          f"{', '.join(f'{v:.0f}' for v in rates['b'])})")
+    print(f"(a) shipped step             : {a:8.0f} img/s  ({runs_text(runs['a'])})")
+    print(f"(b) compute limit, ready views: {b:8.0f} img/s  ({runs_text(runs['b'])})")
     print(f"a/b = {a / b:.2f} (goal >= 0.85)")
     if args.json:
         write_json_atomic(args.json, {"preset": args.preset, "algorithm": args.algorithm,
                                       "config": OmegaConf.to_container(cfg, resolve=True),
-                                      "a_img_s": rates["a"], "b_img_s": rates["b"],
+                                      "a_img_s": runs["a"], "b_img_s": runs["b"],
                                       "a_median": a, "b_median": b, "a_over_b": a / b})
 
 

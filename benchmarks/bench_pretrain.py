@@ -5,19 +5,19 @@
 (b) the compute limit: the same model's loss, backward and step on ready-made views;
 (c) a lightly-example-style loop: per-image lightly transforms in DataLoader workers, same model.
 
-Prints a/b (goal >= 0.9) and a/c (goal >= 3).
+The paths take turns (a, b, c, a, b, c, ...) and the medians are compared. Prints a/b (goal >=
+0.9) and a/c (goal >= 3).
 Usage: python benchmarks/bench_pretrain.py [--preset cpu|gpu] [--steps 20] [--method simclr]
-                                          [--json results/bench.json]
+                                          [--repeats 3] [--json results/bench.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from turns import median, parser, runs_text, take_turns
 
 from fewlabels.config import compose
 from fewlabels.data import load_train_images
@@ -87,14 +87,9 @@ def compute_limit_rate(cfg, images, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--method", default="simclr")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    p = parser(__doc__, steps=20)
+    p.add_argument("--method", default="simclr")
+    args = p.parse_args()
     images = load_train_images().images
     base = [f"preset={args.preset}", f"method={args.method}"]
     shipped = compose("pretrain", base)
@@ -102,28 +97,32 @@ def main() -> None:
     for cfg in (shipped, per_image):
         cfg.trainer.precision = resolve_precision(cfg.trainer)
 
-    a = trainer_rate(shipped, images, args.steps, args.warmup)
-    b = compute_limit_rate(shipped, images, args.steps, args.warmup)
-    c = trainer_rate(per_image, images, args.steps, args.warmup)
+    runs = take_turns({
+        "a": lambda: trainer_rate(shipped, images, args.steps, args.warmup),
+        "b": lambda: compute_limit_rate(shipped, images, args.steps, args.warmup),
+        "c": lambda: trainer_rate(per_image, images, args.steps, args.warmup),
+    }, args.repeats)
+    a, b, c = (median(runs[k]) for k in "abc")
     print(f"\npreset={args.preset} method={args.method} batch={shipped.data.batch_size} "
           f"backbone={shipped.backbone.name} precision={shipped.trainer.precision} "
           f"channels_last={shipped.trainer.channels_last} steps={args.steps} "
-          f"(after {args.warmup} warm-up)")
-    print(f"(a) shipped step, batched augmentation : {a:9.0f} img/s")
-    print(f"(b) compute limit, ready views         : {b:9.0f} img/s")
-    print(f"(c) per-image lightly transforms, {per_image.data.num_workers} workers: {c:9.0f} img/s")
+          f"(after {args.warmup} warm-up), median of {args.repeats} runs taking turns")
+    print(f"(a) shipped step, batched augmentation : {a:9.0f} img/s  ({runs_text(runs['a'])})")
+    print(f"(b) compute limit, ready views         : {b:9.0f} img/s  ({runs_text(runs['b'])})")
+    print(f"(c) per-image lightly transforms, {per_image.data.num_workers} workers: {c:9.0f} img/s"
+          f"  ({runs_text(runs['c'])})")
     print(f"a/b = {a / b:.2f} (goal >= 0.9)    a/c = {a / c:.2f} (goal >= 3)")
     if args.json:
         write_json_atomic(args.json, {
             "preset": args.preset, "method": args.method, "backbone": shipped.backbone.name,
             "batch_size": shipped.data.batch_size, "steps": args.steps, "warmup": args.warmup,
-            "precision": shipped.trainer.precision,
+            "repeats": args.repeats, "precision": shipped.trainer.precision,
             "channels_last": shipped.trainer.channels_last,
             "per_image_workers": per_image.data.num_workers,
             "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else f"cpu, {torch.get_num_threads()} threads",
-            "a_shipped_img_s": a, "b_compute_limit_img_s": b, "c_per_image_img_s": c,
-            "a_over_b": a / b, "a_over_c": a / c})
+            "runs_img_s": runs, "a_shipped_img_s": a, "b_compute_limit_img_s": b,
+            "c_per_image_img_s": c, "a_over_b": a / b, "a_over_c": a / c})
 
 
 if __name__ == "__main__":
