@@ -8,6 +8,7 @@
 #   3. fewlabels pretrain preset=gpu with trainer.max_time=TRAIN_S: the preset's epochs, or fewer
 #      when the time cap comes first (the learning-rate schedule follows whichever ends the run)
 #   4. fewlabels probe n=100 (random, 3 seeds, all probes), then more probes while time is left
+#   5. fewlabels finetune (FixMatch, n=250, one seed, FT_STEPS steps) when FT_NEED_S are left
 #
 # Everything lands in $OUT as it is made, so a run cut short still returns what it did:
 # log.txt, summary.json, results.tar.gz (results/, provenance, config, bench.json, W&B offline
@@ -15,7 +16,8 @@
 # <= 15 MiB (scripts/gpu/unpack.py joins and checks them here).
 #
 # Knobs (environment): TRAIN_S (default 330), BUDGET_S (whole script, default 540),
-# METHOD (simclr), PRESET (gpu), PYTHON (python3), KIT (.devkit), BENCH_STEPS (60), EXTRA
+# METHOD (simclr), PRESET (gpu), PYTHON (python3), KIT (.devkit), BENCH_STEPS (60), FT_STEPS
+# (2000), FT_NEED_S (120), EXTRA
 # (more pretrain overrides), SKIP_WHEELS=1 (dependencies already installed, e.g. a dry run here).
 set -uo pipefail
 : "${OUT:?OUT must name the folder that comes back (the device tool sets it)}"
@@ -26,6 +28,8 @@ PRESET=${PRESET:-gpu}
 PYTHON=${PYTHON:-python3}
 KIT=${KIT:-.devkit}
 BENCH_STEPS=${BENCH_STEPS:-60}
+FT_STEPS=${FT_STEPS:-2000}
+FT_NEED_S=${FT_NEED_S:-120}
 EXTRA=${EXTRA:-}
 RUN=$METHOD-$PRESET-seed0
 CKPT=checkpoints/$RUN
@@ -107,6 +111,17 @@ if [ -f "$CKPT/backbone.safetensors" ]; then
     probe typiclust 100
     probe typiclust 40
     probe random 40
+fi
+# A fine-tuning smoke run on the GPU (one seed, FT_STEPS steps): its images/s and that it runs
+# there; one seed is no reportable accuracy. Skipped when less than FT_NEED_S is left.
+if [ -f "$CKPT/backbone.safetensors" ] && [ "$(left)" -ge "$FT_NEED_S" ]; then
+    stage "finetune fixmatch n=250 (= make finetune N=250 SEEDS=1 PRESET=$PRESET CKPT=$CKPT ARGS=\"trainer.steps=$FT_STEPS\")"
+    fl finetune checkpoint="$CKPT" preset="$PRESET" algorithm=fixmatch n=250 seeds=1 \
+        trainer.steps="$FT_STEPS" \
+        trainer.max_time="$(printf "00:00:%02d:%02d" $((FT_NEED_S / 60)) $((FT_NEED_S % 60)))"
+    pack
+else
+    echo "skip finetune: $(left)s left, ${FT_NEED_S}s needed"
 fi
 stage "done: $(left)s of BUDGET_S=$BUDGET_S left"
 pack
