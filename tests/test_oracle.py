@@ -3,6 +3,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ def test_only_sqlite_urls_and_a_clear_error_otherwise():
 
 WORKER = """
 import sys
+import time
 from fewlabels.oracle import BudgetExceeded, Oracle
 start, count, budget = map(int, sys.argv[1:4])
 ok = refused = 0
@@ -98,6 +100,7 @@ def test_two_processes_lose_no_rows_and_never_overspend(tmp_path):
 
 KILLED = """
 import sys
+import time
 from fewlabels.oracle import Oracle
 with Oracle("killed", budget=None) as oracle:
     for image_id in range(60000):
@@ -144,3 +147,75 @@ def test_database_is_built_atomically_once(tmp_path):
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0] == 60000
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+BARRIER_WORKER = """
+import sys, time
+from pathlib import Path
+from fewlabels.oracle import BudgetExceeded, Oracle
+index, start, batches, size, budget, gate = sys.argv[1:7]
+index, start, batches, size, budget = map(int, (index, start, batches, size, budget))
+oracle = Oracle("raced", budget=budget)
+Path(gate, f"ready-{index}").touch()
+while not Path(gate, "go").exists():
+    time.sleep(0.001)
+for b in range(batches):
+    ids = list(range(start + b * size, start + (b + 1) * size))
+    try:
+        labels = oracle.query(ids)
+        print(" ".join(map(str, ids)), flush=True)
+    except BudgetExceeded:
+        pass
+oracle.close()
+"""
+
+
+def test_processes_released_together_never_overspend_and_lose_no_row(tmp_path):
+    """Six processes wait at a barrier, then query batches of 7 that straddle a budget of 100:
+    the total stays within the budget and every label a process was given is recorded."""
+    Oracle("raced", budget=100).close()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    n, batches, size = 6, 5, 7
+    procs = [subprocess.Popen([sys.executable, "-c", BARRIER_WORKER, str(i), str(i * 1000),
+                               str(batches), str(size), "100", str(gate)],
+                              stdout=subprocess.PIPE, text=True) for i in range(n)]
+    deadline = time.time() + 120
+    while len(list(gate.glob("ready-*"))) < n and time.time() < deadline:
+        time.sleep(0.01)
+    (gate / "go").touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    received = {int(i) for out in outs for line in out.splitlines() for i in line.split()}
+    recorded = {i for i, _ in _rows("raced")}
+    assert recorded == received  # every label given is on record, nothing else is
+    assert 100 - size < len(recorded) <= 100  # the budget is filled up to its last batch
+
+
+BUILDER = """
+import sys, time
+from pathlib import Path
+from fewlabels.oracle import ensure_database
+gate = Path(sys.argv[1])
+while not (gate / "go").exists():
+    time.sleep(0.001)
+print(ensure_database())
+"""
+
+
+def test_racing_first_builds_make_one_whole_database(tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    path = sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
+    assert not path.exists()
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(gate)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    time.sleep(1.0)
+    (gate / "go").touch()
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and set(outs) == {str(path)}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0] == 60000
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert not list(path.parent.glob(f".{path.name}.*"))  # no leftover half-built file
