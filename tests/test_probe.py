@@ -121,38 +121,36 @@ def test_probe_run_counts_queries_and_beats_chance(tiny_checkpoint, tmp_path, mo
         assert conn.execute("SELECT COUNT(*) FROM queries").fetchone()[0] == 200
 
 
-def test_test_labels_never_reach_selection_or_fitting(tiny_checkpoint, tmp_path, monkeypatch):
-    import inspect
-
-    assert "test_labels" not in inspect.signature(probe_run.fit_predict).parameters
-    cfg = probe_config(tiny_checkpoint, tmp_path, "n=40", "seeds=1", "strategy=typiclust")
-    emb = probe_run.embedded(cfg)
-    seen: dict[str, list] = {"queried": [], "predictions": []}
-
-    class Recorder:
-        def __init__(self, real):
-            self.real = real
-
-        def query(self, ids):
-            seen["queried"].append(np.asarray(ids).tolist())
-            return self.real.query(ids)
-
+def test_permuted_test_labels_change_no_query_and_no_prediction(tiny_checkpoint, tmp_path,
+                                                                monkeypatch):
+    """The whole probe command, with the real test labels and with permuted ones: the same ids
+    are queried and the same predictions made; only the reported accuracy changes."""
+    real = probe_run.load_test_set()
+    permuted = type(real)(real.images, np.random.default_rng(0).permutation(real.labels))
+    predictions: list[list[int]] = []
     real_evaluate = probe_run.evaluate
-    monkeypatch.setattr(probe_run, "evaluate",
-                        lambda pred, labels: seen["predictions"].append(pred.tolist())
-                        or real_evaluate(pred, labels))
-    from fewlabels.oracle import Oracle
-    test_labels = probe_run.load_test_set().labels
-    for i, labels in enumerate((test_labels, np.random.default_rng(0).permutation(test_labels))):
-        with Oracle(f"structural-{i}", budget=40) as oracle:
-            preds = probe_run.fit_predict(cfg, emb, "typiclust", 40, 0, probe_run.PROBES,
-                                          Recorder(oracle))
-        for p in preds.values():
-            probe_run.evaluate(p, labels)
-    assert seen["queried"][0] == seen["queried"][1]
+    monkeypatch.setattr(probe_run, "evaluate", lambda pred, labels: predictions.append(
+        pred.tolist()) or real_evaluate(pred, labels))
+    summaries, queried = [], []
+    for tag, test_set in (("real-", real), ("permuted-", permuted)):
+        monkeypatch.setattr(probe_run, "load_test_set", lambda test_set=test_set: test_set)
+        cfg = probe_config(tiny_checkpoint, tmp_path, "n=40", "seeds=1", "strategy=typiclust",
+                           f"run_tag={tag}")
+        summaries.append(probe_run.probe(cfg))
+        run_id = probe_run.oracle_run_id(cfg, open_checkpoint(tiny_checkpoint), "typiclust", 40,
+                                         0)
+        queried.append(sorted(i for i, _ in _queried(run_id)))
     n_probes = len(probe_run.PROBES)
-    assert len(seen["predictions"]) == 2 * n_probes
-    assert seen["predictions"][:n_probes] == seen["predictions"][n_probes:]
+    assert len(queried[0]) == 40 and queried[0] == queried[1]
+    assert len(predictions) == 2 * n_probes
+    assert predictions[:n_probes] == predictions[n_probes:]
+    assert [r["mean"] for r in summaries[0]] != [r["mean"] for r in summaries[1]]
+
+
+def _queried(run_id: str) -> list[tuple[int, str]]:
+    with sqlite3.connect(sqlite_path(os.environ["FEWLABELS_LABEL_DB"])) as conn:
+        return conn.execute("SELECT image_id, purpose FROM queries WHERE run_id = ?",
+                            (run_id,)).fetchall()
 
 
 def test_feature_cache_is_keyed_by_checkpoint_hash(tiny_checkpoint, tmp_path, monkeypatch):
