@@ -20,6 +20,14 @@ def _oracle_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oracle_init(args: argparse.Namespace) -> int:
+    from fewlabels.oracle import init_database
+
+    path, count, version = init_database(args.db)
+    print(f"label database {path}: {count} labels, the official ones; schema version {version}")
+    return 0
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     from fewlabels.data.fashion_mnist import prepare
     from fewlabels.oracle import ensure_database
@@ -92,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--run", default=None, help="only this run id")
     st.add_argument("--db", default=None, help="database URL (default: $FEWLABELS_LABEL_DB)")
     st.set_defaults(func=_oracle_stats)
+    ini = osub.add_parser("init", help="build the label database (idempotent) and check its "
+                          "labels against the official file")
+    ini.add_argument("--db", default=None, help="database URL (default: $FEWLABELS_LABEL_DB)")
+    ini.set_defaults(func=_oracle_init)
 
     p = sub.add_parser("report", help="fine-tuning results as a markdown table")
     p.add_argument("--results", default="results", help="folder of finetune-*.json")

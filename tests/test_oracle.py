@@ -219,3 +219,33 @@ def test_racing_first_builds_make_one_whole_database(tmp_path):
         assert conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0] == 60000
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert not list(path.parent.glob(f".{path.name}.*"))  # no leftover half-built file
+
+
+def test_an_old_database_is_migrated_and_a_newer_one_refused():
+    from fewlabels.oracle.database import SCHEMA_VERSION, schema_version
+
+    with Oracle("before", budget=5) as oracle:
+        oracle.query([1, 2])
+    path = sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE meta")  # as databases were before the meta table
+        assert schema_version(conn) == 0
+    with Oracle("before", budget=5) as oracle:
+        assert oracle.used == 2  # the ledger survives the migration
+    with sqlite3.connect(path) as conn:
+        assert schema_version(conn) == SCHEMA_VERSION
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LabelDatabaseError, match="schema version 99, newer"):
+        Oracle("before", budget=5)
+
+
+def test_oracle_init_is_idempotent_and_refuses_altered_labels(capsys):
+    assert cli_main(["oracle", "init"]) == 0
+    assert cli_main(["oracle", "init"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("60000 labels, the official ones; schema version 1") == 2
+    path = sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE labels SET label = (label + 1) % 10 WHERE image_id = 7")
+    assert cli_main(["oracle", "init"]) == 2
+    assert "differ from the official training label file" in capsys.readouterr().err

@@ -8,10 +8,12 @@ from fewlabels.oracle.database import (
     default_url,
     distinct_ids_revealed,
     ensure_database,
+    init_database,
     stats,
 )
 
 __all__ = [
     "BudgetExceeded", "LabelDatabaseError", "Oracle", "RunStats", "default_url",
-    "distinct_ids_revealed", "ensure_database", "stats",
+    "distinct_ids_revealed", "ensure_database", "init_database",
+    "stats",
 ]

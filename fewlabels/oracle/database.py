@@ -9,6 +9,7 @@ told is on record. A run's cost is its number of distinct ids: asking again is f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import sys
@@ -31,7 +32,16 @@ CREATE TABLE queries (
     queried_at REAL NOT NULL,
     PRIMARY KEY (run_id, image_id)
 );
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
 """
+SCHEMA_VERSION = 1
+# version -> the SQL that takes a database from it to the next; version 0 is a database made
+# before the meta table existed. A later schema change adds one entry here.
+MIGRATIONS: dict[int, str] = {
+    0: "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); "
+       "INSERT INTO meta VALUES ('schema_version', '1');",
+}
 
 
 class BudgetExceeded(RuntimeError):
@@ -90,9 +100,71 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses no commit
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("SELECT 1 FROM labels LIMIT 1")
+        _migrate(conn, path)
     except sqlite3.Error as err:
         raise explain(err, path) from err
     return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                            ).fetchone()
+    if not has_meta:
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring an older database up to SCHEMA_VERSION, one step at a time, each in a transaction
+    (a process racing us finds the work done); refuse one made by a newer fewlabels."""
+    if schema_version(conn) == SCHEMA_VERSION:
+        return
+    while True:
+        _begin_immediate(conn, path)
+        try:
+            version = schema_version(conn)
+            if version > SCHEMA_VERSION:
+                raise LabelDatabaseError(
+                    f"label database {path} has schema version {version}, newer than this "
+                    f"fewlabels knows ({SCHEMA_VERSION}): upgrade fewlabels to use it")
+            if version == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def labels_checksum(conn: sqlite3.Connection) -> str:
+    """MD5 of the labels table as ``id:label`` lines in id order."""
+    digest = hashlib.md5()
+    for image_id, label in conn.execute("SELECT image_id, label FROM labels ORDER BY image_id"):
+        digest.update(f"{image_id}:{label}\n".encode())
+    return digest.hexdigest()
+
+
+def init_database(url: str | None = None) -> tuple[Path, int, int]:
+    """``fewlabels oracle init``: build the database if needed (idempotent) and check that its
+    labels are the official training labels. Returns (path, labels, schema version)."""
+    path = ensure_database(url)
+    labels = read_train_labels_for_label_database()
+    expected = hashlib.md5("".join(f"{i}:{int(y)}\n" for i, y in enumerate(labels)).encode())
+    conn = _connect(path)
+    try:
+        if labels_checksum(conn) != expected.hexdigest():
+            raise LabelDatabaseError(
+                f"label database {path} holds labels that differ from the official training "
+                "label file: it was altered or built from other data. Move it away and run "
+                "'fewlabels oracle init' again")
+        count = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+        return path, count, schema_version(conn)
+    finally:
+        conn.close()
 
 
 def _begin_immediate(conn: sqlite3.Connection, path: Path) -> None:
