@@ -291,3 +291,17 @@ def test_finetuning_reads_training_labels_only_through_the_database(tiny_checkpo
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "OPENED" not in proc.stdout
     assert len(list((tmp_path / "r").glob("finetune-*.json"))) == 1
+
+
+def test_a_changed_configuration_is_not_read_back_as_the_old_result(tiny_checkpoint, tmp_path):
+    cfg = finetune_config(tiny_checkpoint, tmp_path, "n=20", "seeds=1", "algorithm=supervised",
+                          "trainer.steps=5")
+    finetune(cfg)
+    changed = finetune_config(tiny_checkpoint, tmp_path, "n=20", "seeds=1",
+                              "algorithm=supervised", "trainer.steps=5", "optimizer.lr=0.1")
+    with pytest.raises(ValueError, match="another configuration.*optimizer.*run_tag"):
+        finetune(changed)
+    tagged = finetune_config(tiny_checkpoint, tmp_path, "n=20", "seeds=1", "run_tag=lr01-",
+                             "algorithm=supervised", "trainer.steps=5", "optimizer.lr=0.1")
+    (result,) = finetune(tagged)
+    assert result["steps"] == 5

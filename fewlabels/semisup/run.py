@@ -130,6 +130,36 @@ def _selection(cfg: DictConfig, run: SeedRun, feats: np.ndarray, seed: int) -> n
     return ids
 
 
+# What decides the trained model; a run folder is only continued or read back under the same.
+TRAINING_KEYS = ("n", "strategy", "pool_limit", "typiclust", "algorithm", "batch", "optimizer",
+                 "ema_decay", "weak", "strong")
+TRAINER_KEYS = ("steps", "steps_per_epoch", "precision", "channels_last",
+                "batchnorm_calibration_images")
+
+
+def _training_config(cfg: DictConfig) -> dict[str, Any]:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {**{k: resolved[k] for k in TRAINING_KEYS},
+            **{f"trainer.{k}": resolved["trainer"][k] for k in TRAINER_KEYS}}
+
+
+def _check_same_training(cfg: DictConfig, run: SeedRun) -> None:
+    saved_file = run.folder / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    try:
+        saved = _training_config(OmegaConf.load(saved_file))
+    except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
+        raise ValueError(f"{saved_file} cannot be read ({err}): move {run.folder} away to train "
+                         "that seed again") from err
+    now = _training_config(cfg)
+    differ = sorted(k for k in now if saved.get(k) != now[k])
+    if differ:
+        raise ValueError(f"{run.folder} was trained with another configuration (differs in "
+                         f"{', '.join(differ)}): pass run_tag=<new name> to train this one "
+                         "apart (it buys its own labels), or move that folder away")
+
+
 def _trainer(cfg: DictConfig, run: SeedRun, logger: Any) -> pl.Trainer:
     tr = cfg.trainer
     return pl.Trainer(
@@ -145,10 +175,12 @@ def _trainer(cfg: DictConfig, run: SeedRun, logger: Any) -> pl.Trainer:
 def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.ndarray,
                test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> dict[str, Any]:
     run = seed_run(cfg, ckpt, seed)
+    _check_same_training(cfg, run)
     if run.result_file.is_file() and (run.folder / CLASSIFIER_FILE).is_file():
         result = json.loads(run.result_file.read_text())
-        print(f"  seed {seed}: finished before ({run.result_file}), not trained again")
-        return result
+        if result.get("ended_by") == "steps":
+            print(f"  seed {seed}: finished before ({run.result_file}), not trained again")
+            return result
     run.folder.mkdir(parents=True, exist_ok=True)
     ids = _selection(cfg, run, feats, seed)
     with Oracle(run.oracle_run_id, budget=cfg.n, purpose="finetune") as oracle:
