@@ -201,10 +201,9 @@ class Learner(pl.LightningModule):
         self.ema_model.eval()
 
     @torch.no_grad()
-    def predict_logits(self, images: torch.Tensor, batch_size: int = 1024,
-                       use_ema: bool = True) -> torch.Tensor:
-        """Logits of uint8 images from the EMA model (or the online one), in eval mode."""
-        model = self.ema_model if use_ema else self.model
+    def predict_logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Logits of uint8 images from the EMA model (what is evaluated and saved), eval mode."""
+        model = self.ema_model
         was_training = model.training
         model.eval()
         out = [model(self._format(normalize_uint8(chunk.to(self.device)))).float().cpu()
