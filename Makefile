@@ -14,11 +14,14 @@ ALGO     ?= fixmatch
 PROBE    ?= all
 SEEDS    ?= 3
 TARGET   ?= 0.90
+BUDGETS  ?= 20,40,100,250,500,1000
+COLD     ?= typiclust
+SELECT   ?= margin
 CKPT     ?=
 ARGS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 
-.PHONY: setup data test lint pretrain finetune report probe curve search stats bench-pretrain \
+.PHONY: setup data test lint pretrain finetune active report probe curve search stats bench-pretrain \
 	bench-precision bench-finetune gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data
@@ -49,6 +52,12 @@ pretrain:
 finetune:
 	$(FEWLABELS) finetune n=$(N) algorithm=$(ALGO) seeds=$(SEEDS) \
 		$(if $(filter command line,$(origin STRATEGY)),strategy=$(STRATEGY)) \
+		$(if $(PRESET),preset=$(PRESET)) $(CKPT_ARG) $(ARGS)
+
+# Active rounds: COLD picks the first budget's ids, SELECT buys the rest where the model is unsure.
+active:
+	$(FEWLABELS) active budgets=[$(BUDGETS)] algorithm=$(ALGO) strategy=$(COLD) \
+		select=$(SELECT) seeds=$(SEEDS) target=$(TARGET) \
 		$(if $(PRESET),preset=$(PRESET)) $(CKPT_ARG) $(ARGS)
 
 report:

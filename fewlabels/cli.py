@@ -1,4 +1,4 @@
-"""Command line: ``fewlabels {data,oracle,pretrain,finetune,probe,curve,search,report}``."""
+"""Command line: ``fewlabels {data,oracle,pretrain,finetune,active,probe,curve,search,report}``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,9 @@ HYDRA_COMMANDS: dict[str, tuple[str, str, Callable[[argparse.Namespace], int]]] 
     "finetune": ("fine-tune backbone + head on N queried labels and the unlabeled pool",
                  "e.g. n=250 algorithm=fixmatch strategy=typiclust preset=tiny",
                  _hydra_command("finetune", "semisup.run:finetune", device_preset=True)),
+    "active": ("rounds of label queries where the fine-tuned model is unsure; the curve",
+               "e.g. budgets=[20,40,100] algorithm=supervised select=margin preset=tiny",
+               _hydra_command("active", "active.run:active", device_preset=True)),
     "probe": ("spend N label queries, fit probes, report test accuracy",
               "e.g. n=100 strategy=typiclust seeds=3", _hydra_command("probe", "probe.run:probe")),
     "curve": ("test accuracy against label queries over a grid of N", "e.g. seeds=3 probe=linear",

@@ -73,6 +73,19 @@ def read_offline_run(run_file: str | os.PathLike[str]) -> dict[str, Any]:
     return {"history": history, "summary": summary, "config": config}
 
 
+def init_run(cfg: Any, **kwargs: Any) -> Any:
+    """A W&B run of a stage that is not a Lightning fit (probes, curves), configured from its
+    ``logger`` section, the resolved config attached."""
+    from omegaconf import OmegaConf
+
+    import wandb
+
+    Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.logger.project, dir=cfg.logger.dir,
+                      mode=wandb_mode(cfg.logger.mode), reinit="finish_previous",
+                      config=OmegaConf.to_container(cfg, resolve=True), **kwargs)
+
+
 def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 

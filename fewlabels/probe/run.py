@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.evaluate import evaluate
@@ -33,7 +33,7 @@ from fewlabels.probe.fit import (
     unit_features,
 )
 from fewlabels.probe.select import check_strategy, select
-from fewlabels.tracking import wandb_mode
+from fewlabels.tracking import init_run
 
 PROBES = ("linear", "knn", "labelprop")
 
@@ -156,18 +156,9 @@ def run_seed(cfg: DictConfig, emb: Embedded, test_labels: np.ndarray, strategy: 
     return rows
 
 
-def _wandb_init(cfg: DictConfig, **kwargs: Any) -> Any:
-    import wandb
-
-    Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=cfg.logger.project, dir=cfg.logger.dir,
-                      mode=wandb_mode(cfg.logger.mode), reinit="finish_previous",
-                      config=OmegaConf.to_container(cfg, resolve=True), **kwargs)
-
-
 def _log_probe_run(cfg: DictConfig, ckpt: Checkpoint, run_id: str,
                    rows: list[dict[str, Any]]) -> None:
-    run = _wandb_init(cfg, group=ckpt.name, job_type="probe", name=run_id.replace("/", "-"))
+    run = init_run(cfg, group=ckpt.name, job_type="probe", name=run_id.replace("/", "-"))
     for row in rows:
         p = row["probe"]
         run.summary.update({f"{p}/test_accuracy": row["test_accuracy"],
@@ -226,7 +217,7 @@ def curve(cfg: DictConfig) -> Path:
         writer.writeheader()
         writer.writerows(summary)
     _plot(summary, out.with_suffix(".png"), emb.ckpt.name, cfg.search.target)
-    run = _wandb_init(cfg, group=emb.ckpt.name, job_type="curve", name=f"curve-{emb.ckpt.name}")
+    run = init_run(cfg, group=emb.ckpt.name, job_type="curve", name=f"curve-{emb.ckpt.name}")
     import wandb
 
     fields = ["n", "strategy", "probe", "seeds", "mean", "std", "queries"]

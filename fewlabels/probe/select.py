@@ -70,10 +70,71 @@ def _random(features: np.ndarray, n: int, seed: int, **_: int) -> np.ndarray:
     return select_random(n, len(features), seed)
 
 
+def probcover_radius(x: np.ndarray, seed: int, alpha: float = 0.95, n_clusters: int = 10,
+                     sample: int = 2000) -> float:
+    """ProbCover's ball radius: the largest delta whose balls are ``alpha``-pure, a ball being
+    pure when it holds points of one k-means cluster only (k = the number of classes, which is
+    known without any label). Estimated on ``sample`` seeded centres against all points."""
+    import torch
+
+    assignment = torch.from_numpy(cluster(x, n_clusters, seed))
+    xt = torch.from_numpy(x).float()
+    centres = np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False)
+    nearest_other = []
+    for chunk in np.array_split(centres, max(1, len(centres) // 256)):
+        dist = torch.cdist(xt[chunk], xt)
+        dist[assignment[chunk][:, None] == assignment[None, :]] = float("inf")
+        nearest_other.append(dist.min(dim=1).values)
+    # purity(delta) = share of balls with no point of another cluster = P(nearest_other > delta)
+    return float(torch.quantile(torch.cat(nearest_other), 1.0 - alpha))
+
+
+def select_probcover(features: np.ndarray, n: int, seed: int, alpha: float = 0.95,
+                     n_clusters: int = 10, **_: int) -> np.ndarray:
+    """ProbCover (Yehuda et al., 2022): greedy maximum coverage of the delta-ball graph on
+    L2-normalized features; each pick is the point whose ball covers the most points not yet
+    covered. When every point is covered, the rest are drawn at random (seeded), as the paper
+    does. Sparse and chunked: 60,000 points need no 60,000 x 60,000 matrix."""
+    import torch
+    from scipy import sparse
+
+    _check(n, len(features))
+    x = _unit(features).astype(np.float32)
+    delta = probcover_radius(x, seed, alpha, n_clusters)
+    xt = torch.from_numpy(x)
+    rows, cols = [], []
+    for start in range(0, len(x), 1024):  # the radius graph, a chunk of rows at a time
+        within = torch.nonzero(torch.cdist(xt[start:start + 1024], xt) <= delta)
+        rows.append(within[:, 0].numpy() + start)
+        cols.append(within[:, 1].numpy())
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = sparse.csr_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(len(x),) * 2)
+    uncovered_in_ball = np.diff(graph.indptr).astype(np.int64)  # the graph is symmetric
+    covered = np.zeros(len(x), dtype=bool)
+    chosen: list[int] = []
+    rng = np.random.default_rng(seed)
+    picked = np.zeros(len(x), dtype=bool)
+    while len(chosen) < n:
+        best = int(np.argmax(np.where(picked, -1, uncovered_in_ball)))
+        if uncovered_in_ball[best] <= 0:  # all covered: the rest at random
+            rest = rng.permutation(np.flatnonzero(~picked))[:n - len(chosen)]
+            chosen.extend(int(i) for i in rest)
+            break
+        chosen.append(best)
+        picked[best] = True
+        ball = graph.indices[graph.indptr[best]:graph.indptr[best + 1]]
+        newly = ball[~covered[ball]]
+        covered[newly] = True
+        # each newly covered point: every ball that holds it covers one point fewer
+        uncovered_in_ball -= np.bincount(graph[newly].indices, minlength=len(x))
+    return np.array(chosen, dtype=np.int64)
+
+
 # strategy name -> selection from the features of all training images (no label is read).
 STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "random": _random,
     "typiclust": select_typiclust,
+    "probcover": select_probcover,
 }
 
 

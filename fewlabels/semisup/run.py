@@ -74,21 +74,24 @@ def seed_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> SeedRun:
                    Path(cfg.results_dir) / f"finetune-{name}.json")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every argument checked before any work is done or any row written."""
-    for key in ("n", "seeds", "first_seed"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (key != "first_seed"):
-            raise ValueError(f"{key}={value!r}: must be a whole number >= "
-                             f"{int(key != 'first_seed')}")
+def check_whole(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be a whole number >= {minimum}")
+
+
+def validate(cfg: DictConfig, counts: tuple[str, ...] = ("n",)) -> None:
+    """Every argument checked before any work is done or any row written; ``counts`` are the
+    top-level keys that must be whole numbers >= 1 besides ``seeds``."""
+    for key in (*counts, "seeds"):
+        check_whole(cfg[key], key, 1)
+    check_whole(cfg.first_seed, "first_seed", 0)
     check_strategy(cfg.strategy)
     safe_name(cfg.run_tag, "run_tag", allow_empty=True)
     if cfg.algorithm.name not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm.name!r}: use one of {', '.join(ALGORITHMS)}")
     tr = cfg.trainer
     for key in ("steps", "steps_per_epoch", "eval_batch_size"):
-        if isinstance(tr[key], bool) or not isinstance(tr[key], int) or tr[key] < 1:
-            raise ValueError(f"trainer.{key}={tr[key]!r}: must be a whole number >= 1")
+        check_whole(tr[key], f"trainer.{key}", 1)
     if cfg.batch.labeled < 1 or cfg.batch.unlabeled_ratio < 0:
         raise ValueError("batch.labeled must be >= 1 and batch.unlabeled_ratio >= 0")
 
@@ -137,45 +140,76 @@ TRAINER_KEYS = ("steps", "steps_per_epoch", "precision", "channels_last",
                 "batchnorm_calibration_images")
 
 
-def _training_config(cfg: DictConfig) -> dict[str, Any]:
+def _training_config(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {**{k: resolved[k] for k in TRAINING_KEYS},
+    return {**{k: resolved.get(k) for k in keys},
             **{f"trainer.{k}": resolved["trainer"][k] for k in TRAINER_KEYS}}
 
 
-def _check_same_training(cfg: DictConfig, run: SeedRun) -> None:
-    saved_file = run.folder / CONFIG_FILE
+def check_same_training(cfg: DictConfig, folder: Path,
+                        keys: tuple[str, ...] = TRAINING_KEYS) -> None:
+    """A run folder is only continued or read back under the configuration that made it."""
+    saved_file = folder / CONFIG_FILE
     if not saved_file.is_file():
         return
     try:
-        saved = _training_config(OmegaConf.load(saved_file))
+        saved = _training_config(OmegaConf.load(saved_file), keys)
     except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
-        raise ValueError(f"{saved_file} cannot be read ({err}): move {run.folder} away to train "
+        raise ValueError(f"{saved_file} cannot be read ({err}): move {folder} away to train "
                          "that seed again") from err
-    now = _training_config(cfg)
+    now = _training_config(cfg, keys)
     differ = sorted(k for k in now if saved.get(k) != now[k])
     if differ:
-        raise ValueError(f"{run.folder} was trained with another configuration (differs in "
+        raise ValueError(f"{folder} was trained with another configuration (differs in "
                          f"{', '.join(differ)}): pass run_tag=<new name> to train this one "
                          "apart (it buys its own labels), or move that folder away")
 
 
-def _trainer(cfg: DictConfig, run: SeedRun, logger: Any) -> pl.Trainer:
+def wandb_logger(cfg: DictConfig, folder: Path, name: str, group: str,
+                 job_type: str) -> WandbLogger:
+    """The W&B logger of a run folder; the same W&B run continues when the run resumes."""
+    id_file = folder / "wandb_run_id"
+    if not id_file.is_file():
+        write_text_atomic(id_file, f"{job_type}-{uuid.uuid4().hex[:12]}")
+    return WandbLogger(project=cfg.logger.project, name=name, id=id_file.read_text().strip(),
+                       resume="allow", save_dir=cfg.logger.dir, mode=wandb_mode(cfg.logger.mode),
+                       job_type=job_type, group=group,
+                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str,
+        ) -> tuple[int, float]:
+    """Train for ``trainer.steps`` (resuming from ``folder/last.ckpt``), then set the EMA model's
+    BatchNorm statistics on plain unlabeled images. Returns (steps done, wall seconds)."""
     tr = cfg.trainer
-    return pl.Trainer(
+    trainer = pl.Trainer(
         max_steps=tr.steps, max_epochs=-1, max_time=tr.max_time, accelerator=tr.accelerator,
         devices=1, precision=tr.precision, gradient_clip_val=cfg.optimizer.clip_grad_norm,
-        log_every_n_steps=tr.log_every_n_steps, logger=logger, default_root_dir=run.folder,
+        log_every_n_steps=tr.log_every_n_steps, logger=logger, default_root_dir=folder,
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[ModelCheckpoint(dirpath=run.folder, filename="last", save_top_k=1,
+        callbacks=[ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1,
                                    enable_version_counter=False),
                    LearningRateMonitor(logging_interval="step")])
+    last = folder / LAST_FILE
+    started = time.time()
+    trainer.fit(learner, torch.utils.data.DataLoader(range(tr.steps_per_epoch), batch_size=None),
+                ckpt_path=last if last.is_file() else None)
+    wall = time.time() - started
+    if trainer.global_step < tr.steps:
+        print(f"WARNING: {name} stopped at step {trainer.global_step} of {tr.steps}: "
+              f"trainer.max_time={tr.max_time} fired. Its result is NOT the configured "
+              "run; run the same command again to finish it.", flush=True)
+    pool = learner.pool_images
+    order = torch.from_numpy(np.random.default_rng(learner.batches.seed).permutation(len(pool)))
+    learner.calibrate_batchnorm(pool[order[:tr.batchnorm_calibration_images]],
+                                tr.eval_batch_size)
+    return trainer.global_step, wall
 
 
 def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.ndarray,
                test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> dict[str, Any]:
     run = seed_run(cfg, ckpt, seed)
-    _check_same_training(cfg, run)
+    check_same_training(cfg, run.folder)
     if run.result_file.is_file() and (run.folder / CLASSIFIER_FILE).is_file():
         result = json.loads(run.result_file.read_text())
         if result.get("ended_by") == "steps":
@@ -190,29 +224,9 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
 
     pl.seed_everything(seed, workers=True)
     learner = build_learner(cfg, load_backbone(ckpt), pool[ids], labels, pool, seed)
-    id_file = run.folder / "wandb_run_id"  # the same W&B run continues when the run resumes
-    if not id_file.is_file():
-        write_text_atomic(id_file, f"ft-{uuid.uuid4().hex[:12]}")
-    logger = WandbLogger(project=cfg.logger.project, name=run.name,
-                         id=id_file.read_text().strip(), resume="allow", save_dir=cfg.logger.dir,
-                         mode=wandb_mode(cfg.logger.mode), job_type="finetune", group=ckpt.name,
-                         config=OmegaConf.to_container(cfg, resolve=True))
-    trainer = _trainer(cfg, run, logger)
-    last = run.folder / LAST_FILE
-    commit, started = git_commit(), time.time()
-    trainer.fit(learner, torch.utils.data.DataLoader(range(cfg.trainer.steps_per_epoch),
-                                                     batch_size=None),
-                ckpt_path=last if last.is_file() else None)
-    wall = time.time() - started
-    steps_done = trainer.global_step
-    if steps_done < cfg.trainer.steps:
-        print(f"WARNING: {run.name} stopped at step {steps_done} of {cfg.trainer.steps}: "
-              f"trainer.max_time={cfg.trainer.max_time} fired. Its result is NOT the configured "
-              "run; run the same command again to finish it.", flush=True)
-
-    calibration = torch.from_numpy(pool[np.random.default_rng(seed).permutation(len(pool))[
-        :cfg.trainer.batchnorm_calibration_images]])
-    learner.calibrate_batchnorm(calibration, cfg.trainer.eval_batch_size)
+    logger = wandb_logger(cfg, run.folder, run.name, ckpt.name, "finetune")
+    commit = git_commit()
+    steps_done, wall = fit(cfg, learner, run.folder, logger, run.name)
     predictions = learner.predict_logits(torch.from_numpy(test_images),
                                          cfg.trainer.eval_batch_size).argmax(1).numpy()
     train_pred = learner.predict_logits(torch.from_numpy(pool[ids]),
@@ -246,19 +260,8 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
 
 def _log_result(logger: WandbLogger, result: dict[str, Any], images: np.ndarray,
                 labels: np.ndarray) -> None:
-    import wandb
-
     run = logger.experiment
-    conf = result["confusion_matrix"]
-    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
-                        data=[[CLASSES[i], CLASSES[j], conf[i][j]] for i in range(N_CLASSES)
-                              for j in range(N_CLASSES)])
-    run.log({"test/confusion_matrix": wandb.plot_table(
-        "wandb/confusion_matrix/v1", table,
-        {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-        {"title": "test confusion matrix"}),
-        "queried/images": wandb.Image(_grid(images, labels),
-                                      caption="queried images, labels from the database")})
+    run.log(test_and_queried_media(result["confusion_matrix"], images, labels))
     run.summary.update({"test_accuracy": result["test_accuracy"], "n": result["n"],
                         "n_queries": result["n_queries"], "seed": result["seed"],
                         "steps": result["steps"],
@@ -266,6 +269,23 @@ def _log_result(logger: WandbLogger, result: dict[str, Any], images: np.ndarray,
                         **{f"test/class_{i}_accuracy": a
                            for i, a in enumerate(result["per_class_accuracy"])}})
     run.finish()
+
+
+def test_and_queried_media(confusion: list[list[int]], images: np.ndarray, labels: np.ndarray,
+                           prefix: str = "") -> dict[str, Any]:
+    """W&B items: the test confusion matrix as a W&B plot, and a grid of queried images with the
+    labels the database returned."""
+    import wandb
+
+    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
+                        data=[[CLASSES[i], CLASSES[j], confusion[i][j]] for i in range(N_CLASSES)
+                              for j in range(N_CLASSES)])
+    return {f"{prefix}test/confusion_matrix": wandb.plot_table(
+        "wandb/confusion_matrix/v1", table,
+        {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+        {"title": f"{prefix}test confusion matrix"}),
+        f"{prefix}queried/images": wandb.Image(_grid(images, labels),
+                                               caption="queried images, labels from the database")}
 
 
 def _grid(images: np.ndarray, labels: np.ndarray, limit: int = 100) -> Any:

@@ -1,0 +1,312 @@
+"""``fewlabels active``: the label-efficiency curve from rounds of buying labels.
+
+Per seed, one oracle run ``active/<tag><checkpoint>-<sha8>/<algorithm>/<cold>-<select>/b<budgets>/
+seed<S>`` whose budget is the last entry of ``budgets``. Round 0 picks the first budget's ids with
+the cold-start strategy on the pretrained features; round k scores the unlabeled pool with round
+k-1's model, buys the increment up to ``budgets[k]`` with the acquisition ``select`` (rows
+recorded with ``purpose=round<k>``), and fine-tunes again (from round k-1's model when
+``warm_start``). Every round's final model is evaluated on the test set; the evaluation chooses
+nothing.
+
+Folders: ``checkpoints/finetuned/active-<run>-seed<S>/round<k>/`` with ``selection.json`` (saved
+before the query, so a rerun asks for the same ids), ``last.ckpt``, ``model.safetensors``,
+``test_predictions.npy`` and ``round.json`` (written last: a round with it is done). A killed run
+resumes in the round it was in; a finished one is read back. Outputs: ``results/active-<run>.csv``
+/ ``.png`` / ``.json`` (one row per round: the queries the database counted, test accuracy mean ±
+std over seeds) and W&B (a run per round with its confusion matrix and the images just bought; a
+curve run with the table and a line plot).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from fewlabels.active import ACQUISITIONS
+from fewlabels.config import to_yaml
+from fewlabels.data import load_test_set, load_train_images
+from fewlabels.data.transforms import normalize_uint8
+from fewlabels.evaluate import evaluate
+from fewlabels.files import atomic_path, write_json_atomic, write_text_atomic
+from fewlabels.models.checkpoint import (
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    FINETUNED_DIR,
+    KIND_CLASSIFIER,
+    Checkpoint,
+    Classifier,
+    backbone_config,
+    load_backbone,
+    load_classifier,
+    newest_checkpoint,
+    open_checkpoint,
+    save_weights,
+)
+from fewlabels.oracle import Oracle
+from fewlabels.probe.features import features
+from fewlabels.probe.select import select
+from fewlabels.runtime import git_commit, hardware, resolve_precision
+from fewlabels.semisup.run import (
+    PREDICTIONS_FILE,
+    TRAINING_KEYS,
+    build_learner,
+    check_same_training,
+    check_whole,
+    fit,
+    test_and_queried_media,
+    validate,
+    wandb_logger,
+)
+from fewlabels.tracking import init_run
+
+ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
+ACTIVE_KEYS = (*TRAINING_KEYS, "budgets", "select", "warm_start", "round_fraction")
+
+
+@dataclass(frozen=True)
+class ActiveRun:
+    """Names of one seed's active run."""
+
+    name: str            # all seeds: the results file stem and the W&B group
+    seed_name: str
+    oracle_run_id: str
+    folder: Path
+
+
+def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
+    base = f"{cfg.run_tag}{ckpt.name}-{ckpt.sha256[:8]}"
+    budgets = "-".join(str(b) for b in cfg.budgets)
+    scheme = f"{cfg.algorithm.name}-{cfg.strategy}-{cfg.select}"
+    name = f"active-{base}-{scheme}-b{budgets}"
+    return ActiveRun(name, f"{name}-seed{seed}",
+                     f"active/{base}/{cfg.algorithm.name}/{cfg.strategy}-{cfg.select}/b{budgets}/"
+                     f"seed{seed}",
+                     Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{name}-seed{seed}")
+
+
+def validate_active(cfg: DictConfig, pool_size: int | None = None) -> list[int]:
+    validate(cfg, counts=())
+    if not 0 < float(cfg.round_fraction) <= 1:
+        raise ValueError(f"round_fraction={cfg.round_fraction!r}: the share of trainer.steps a "
+                         "warm-started round trains, in (0, 1]")
+    budgets = list(cfg.budgets)
+    for b in budgets:
+        check_whole(b, "budgets entry", 1)
+    if not budgets or any(b >= c for b, c in zip(budgets, budgets[1:], strict=False)):
+        raise ValueError(f"budgets={budgets}: give a non-empty, strictly increasing list of "
+                         "label counts, e.g. budgets=[20,40,100]")
+    if pool_size is not None and budgets[-1] > pool_size:
+        raise ValueError(f"budgets={budgets}: the pool has {pool_size} images")
+    if cfg.select not in ACQUISITIONS:
+        raise ValueError(f"select={cfg.select!r}: use one of {', '.join(ACQUISITIONS)}")
+    if not 0 < float(cfg.target) <= 1:
+        raise ValueError(f"target={cfg.target!r}: a test accuracy in (0, 1], e.g. 0.9")
+    return budgets
+
+
+@torch.no_grad()
+def score_pool(model: Classifier, pool: np.ndarray, batch_size: int,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and penultimate features of every pool image (eval mode)."""
+    model.eval()
+    probs, feats = [], []
+    for chunk in torch.from_numpy(pool).split(batch_size):
+        h = model.backbone(normalize_uint8(chunk)).float()
+        probs.append(torch.softmax(model.head(h), dim=1))
+        feats.append(h)
+    return torch.cat(probs).numpy(), torch.cat(feats).numpy()
+
+
+def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.ndarray,
+             pool: np.ndarray, pretrained_feats: np.ndarray, seed: int) -> np.ndarray:
+    """Round k's new ids, saved before they are queried so that a rerun asks for the same."""
+    path = run.folder / f"round{k}" / SELECTION_FILE
+    if path.is_file():
+        return np.array(json.loads(path.read_text())["new_ids"], dtype=np.int64)
+    if k == 0:
+        tc = cfg.typiclust
+        new = select(cfg.strategy, pretrained_feats, budget, seed, tc.neighbors,
+                     tc.minibatch_above, tc.max_clusters)
+    else:
+        previous = load_classifier(run.folder / f"round{k - 1}" / CLASSIFIER_FILE)
+        probs, feats = score_pool(previous, pool, cfg.trainer.eval_batch_size)
+        new = ACQUISITIONS[cfg.select](probs, feats, labeled, budget - len(labeled),
+                                       seed * 1000 + k)
+    write_json_atomic(path, {"round": k, "budget": budget,
+                             "how": cfg.strategy if k == 0 else cfg.select,
+                             "new_ids": [int(i) for i in new]})
+    return new
+
+
+def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: int,
+           labeled: np.ndarray, pool: np.ndarray, pretrained_feats: np.ndarray,
+           test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> dict[str, Any]:
+    folder = run.folder / f"round{k}"
+    done = folder / ROUND_FILE
+    if done.is_file():
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    new = _new_ids(cfg, run, k, budget, labeled, pool, pretrained_feats, seed)
+    ids = np.concatenate([labeled, new]).astype(np.int64)
+    with Oracle(run.oracle_run_id, budget=cfg.budgets[-1], purpose="active") as oracle:
+        labels = oracle.query(ids, purpose=f"round{k}")  # earlier rounds' ids cost nothing
+        n_queries = oracle.used
+
+    warm = bool(cfg.warm_start) and k > 0
+    round_cfg = copy.deepcopy(cfg)
+    round_cfg.trainer.steps = (max(1, round(cfg.round_fraction * cfg.trainer.steps)) if warm
+                               else int(cfg.trainer.steps))
+    pl.seed_everything(seed * 1000 + k, workers=True)
+    learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool,
+                            seed * 1000 + k)
+    if warm:
+        state = load_classifier(run.folder / f"round{k - 1}" / CLASSIFIER_FILE).state_dict()
+        learner.model.load_state_dict(state)
+        learner.ema_model.load_state_dict(state)
+    logger = wandb_logger(round_cfg, folder, f"{run.seed_name}-round{k}", run.name, "active")
+    steps, wall = fit(round_cfg, learner, folder, logger, f"{run.seed_name} round {k}")
+    predictions = learner.predict_logits(torch.from_numpy(test_images),
+                                         cfg.trainer.eval_batch_size).argmax(1).numpy()
+    metrics = evaluate(predictions, test_labels)
+    with atomic_path(folder / PREDICTIONS_FILE) as tmp, open(tmp, "wb") as f:
+        np.save(f, predictions.astype(np.int64))
+    save_weights(learner.ema_model, folder / CLASSIFIER_FILE, KIND_CLASSIFIER,
+                 backbone_config(ckpt.backbone_file), learner.model.backbone.num_features,
+                 num_classes=str(learner.model.head.out_features),
+                 algorithm=cfg.algorithm.name, pretrained_sha256=ckpt.sha256)
+    result = {"round": k, "budget": budget, "n_queries": n_queries, "seed": seed,
+              "new_ids": len(new), "how": cfg.strategy if k == 0 else cfg.select,
+              "warm_start": warm, "steps": steps, "steps_configured": round_cfg.trainer.steps,
+              "ended_by": "steps" if steps >= round_cfg.trainer.steps else "time cap",
+              "wall_time_s_this_invocation": round(wall, 1), "ids": [int(i) for i in ids],
+              "oracle_run_id": run.oracle_run_id, **metrics}
+    run_log = logger.experiment
+    run_log.log({"round/n_queries": n_queries, "round/test_accuracy": metrics["test_accuracy"],
+                 **test_and_queried_media(metrics["confusion_matrix"], pool[new],
+                                          labels[len(labeled):], prefix="round/")})
+    run_log.summary.update({"test_accuracy": metrics["test_accuracy"], "round": k,
+                            "n_queries": n_queries, "seed": seed})
+    run_log.finish()
+    write_json_atomic(done, result)
+    return result
+
+
+def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_feats: np.ndarray,
+             test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> list[dict[str, Any]]:
+    run = active_run(cfg, ckpt, seed)
+    check_same_training(cfg, run.folder, ACTIVE_KEYS)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run.folder / CONFIG_FILE, to_yaml(cfg))
+    labeled = np.zeros(0, dtype=np.int64)
+    rounds = []
+    for k, budget in enumerate(cfg.budgets):
+        result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats, test_images,
+                        test_labels, seed)
+        print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
+              f"{result['test_accuracy']:.2%} ({result['how']}, {result['steps']} steps, "
+              f"{result['wall_time_s_this_invocation'] / 60:.1f} min)", flush=True)
+        labeled = np.array(result["ids"], dtype=np.int64)
+        rounds.append(result)
+    return rounds
+
+
+def curve_rows(per_seed: list[list[dict[str, Any]]], budgets: list[int]) -> list[dict[str, Any]]:
+    """One row per round: what the database counted and the test accuracy over seeds."""
+    rows = []
+    for k, budget in enumerate(budgets):
+        accs = np.array([rounds[k]["test_accuracy"] for rounds in per_seed])
+        queries = [rounds[k]["n_queries"] for rounds in per_seed]
+        rows.append({"round": k, "budget": budget, "queries_per_seed": max(queries),
+                     "queries_total": sum(queries), "seeds": len(accs),
+                     "mean": float(accs.mean()),
+                     "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                     "accuracies": " ".join(f"{a:.4f}" for a in accs),
+                     "wall_time_s": round(sum(r[k]["wall_time_s_this_invocation"]
+                                              for r in per_seed), 1)})
+    return rows
+
+
+CURVE_FIELDS = ["round", "budget", "queries_per_seed", "queries_total", "seeds", "mean", "std",
+                "accuracies", "wall_time_s"]
+
+
+def _write_curve(rows: list[dict[str, Any]], out: Path, title: str, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_path(out.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.errorbar([r["queries_per_seed"] for r in rows], [r["mean"] for r in rows],
+                yerr=[r["std"] for r in rows], marker="o", capsize=3, label="active rounds")
+    ax.axhline(target, color="gray", linestyle="--", label=f"target {target:.0%}")
+    ax.set(xscale="log", xlabel="labels counted by the database (per seed)",
+           ylabel="test accuracy", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    with atomic_path(out.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _log_curve(cfg: DictConfig, name: str, group: str, rows: list[dict[str, Any]],
+               png: Path) -> None:
+    import wandb
+
+    run = init_run(cfg, name=f"{name}-curve", group=group, job_type="active-curve")
+    table = wandb.Table(columns=CURVE_FIELDS, data=[[r[k] for k in CURVE_FIELDS] for r in rows])
+    run.log({"curve/table": table,
+             "curve/accuracy": wandb.plot.line(table, "queries_per_seed", "mean",
+                                               title="test accuracy against labels counted"),
+             "curve/plot": wandb.Image(str(png))})
+    run.finish()
+
+
+def active(cfg: DictConfig) -> dict[str, Any]:
+    validate_active(cfg)
+    ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
+    pool = load_train_images().images[: cfg.pool_limit]
+    budgets = validate_active(cfg, len(pool))
+    cfg.trainer.precision = resolve_precision(cfg.trainer)
+    test = load_test_set()
+    pretrained_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)
+    seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
+    per_seed = [run_seed(cfg, ckpt, pool, pretrained_feats, test.images, test.labels, seed)
+                for seed in seeds]
+    rows = curve_rows(per_seed, budgets)
+    name = active_run(cfg, ckpt, seeds[0]).name
+    out = Path(cfg.results_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_curve(rows, out, name, float(cfg.target))
+    passing = next((r for r in rows if r["mean"] > cfg.target), None)
+    summary = {"checkpoint": str(ckpt.folder), "checkpoint_sha256": ckpt.sha256,
+               "algorithm": cfg.algorithm.name, "cold_start": cfg.strategy,
+               "select": cfg.select, "budgets": budgets, "seeds": seeds, "target": cfg.target,
+               "first_budget_passing_target": passing["budget"] if passing else None,
+               "rows": rows, "hardware": hardware(), "git_commit": git_commit()}
+    write_json_atomic(out.with_suffix(".json"), summary)
+    _log_curve(cfg, name, ckpt.name, rows, out.with_suffix(".png"))
+    print(f"checkpoint: {ckpt.folder}\nalgorithm={cfg.algorithm.name} cold={cfg.strategy} "
+          f"select={cfg.select}, {len(seeds)} seeds")
+    print("| round | labels counted per seed | test accuracy (mean ± std) | wall time |")
+    print("|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['round']} | {r['queries_per_seed']} | {r['mean']:.2%} ± {r['std']:.2%} | "
+              f"{r['wall_time_s'] / 60:.1f} min |")
+    print(f"first budget whose mean passes {cfg.target:.0%}: "
+          f"{passing['budget'] if passing else 'none of ' + str(budgets)}\n"
+          f"wrote {out}.csv, {out}.png and {out}.json")
+    return summary

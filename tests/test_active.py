@@ -1,0 +1,170 @@
+"""Active rounds: the acquisitions and ProbCover on small arrays, and tiny real loops (the tiny
+pretrained checkpoint, a 2,048-image pool, ten steps a round)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fewlabels.active import badge, entropy, margin
+from fewlabels.active import run as active_module
+from fewlabels.active.run import active, active_run
+from fewlabels.config import compose
+from fewlabels.models import open_checkpoint
+from fewlabels.oracle import stats
+from fewlabels.probe.select import select_probcover
+
+
+def active_config(ckpt: Path, tmp: Path, *overrides: str):
+    return compose("active", ["preset=tiny", f"checkpoint={ckpt}", "algorithm=supervised",
+                              "budgets=[10,20,30]", "seeds=1", "trainer.steps=10",
+                              f"checkpoint_dir={tmp / 'ckpt'}", f"results_dir={tmp / 'results'}",
+                              f"logger.dir={tmp}", *overrides])
+
+
+def purposes(tmp: Path) -> dict[int, str]:
+    with sqlite3.connect(tmp / "labels.sqlite") as conn:
+        return dict(conn.execute("SELECT image_id, purpose FROM queries").fetchall())
+
+
+def test_margin_and_entropy_pick_the_least_sure_unlabeled_images():
+    probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5], [0.7, 0.3], [0.51, 0.49]])
+    feats = np.zeros((5, 3))
+    assert margin(probs, feats, np.array([2]), 2, seed=0).tolist() == [4, 1]
+    assert entropy(probs, feats, np.array([2]), 2, seed=0).tolist() == [4, 1]
+    with pytest.raises(ValueError, match="only 4 unlabeled"):
+        margin(probs, feats, np.array([2]), 5, seed=0)
+
+
+def test_badge_starts_at_the_largest_gradient_and_spreads():
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(0, 0.01, (50, 4)) + [5, 0, 0, 0],
+                            rng.normal(0, 0.01, (50, 4)) + [0, 5, 0, 0]])
+    probs = np.full((100, 3), [0.6, 0.3, 0.1])
+    probs[7] = [0.34, 0.33, 0.33]  # the least sure: the largest gradient embedding
+    picks = badge(probs, feats, np.array([0, 1]), 2, seed=0)
+    assert picks[0] == 7
+    assert {int(p) // 50 for p in picks} == {0, 1}  # the second pick comes from the other blob
+    many = badge(probs, feats, np.array([0, 1]), 20, seed=1)
+    assert len(set(many.tolist())) == 20 and not {0, 1} & set(many.tolist())
+
+
+def test_probcover_covers_each_blob_before_repeating_one():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8) * 10
+    x = np.concatenate([c + rng.normal(0, 0.3, (60, 8)) for c in centres])
+    ids = select_probcover(x, 8, seed=0, n_clusters=8)
+    assert sorted(int(i) // 60 for i in ids) == list(range(8))
+    more = select_probcover(x, 20, seed=0, n_clusters=8)
+    assert len(set(more.tolist())) == 20 and more[:8].tolist() == ids.tolist()
+
+
+def test_active_rounds_stay_in_budget_record_rounds_and_write_the_curve(tiny_checkpoint, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = active_config(tiny_checkpoint, tmp_path)
+    summary = active(cfg)
+    run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
+    assert {s.run_id: (s.budget, s.labels_revealed) for s in stats()} == {
+        run.oracle_run_id: (30, 30)}
+    rounds = [json.loads((run.folder / f"round{k}" / "round.json").read_text())
+              for k in range(3)]
+    assert [r["n_queries"] for r in rounds] == [10, 20, 30]
+    assert [r["how"] for r in rounds] == ["typiclust", "margin", "margin"]
+    assert [r["steps"] for r in rounds] == [10, 2, 2]  # warm rounds: round_fraction of the steps
+    ids = [r["ids"] for r in rounds]
+    for earlier, later in zip(ids, ids[1:], strict=False):
+        assert later[:len(earlier)] == earlier and len(set(later)) == len(later)
+    recorded = purposes(tmp_path)
+    assert len(recorded) == 30
+    for k, r in enumerate(rounds):
+        new = r["ids"][len(ids[k - 1]) if k else 0:]
+        assert {recorded[i] for i in new} == {f"round{k}"}
+
+    out = tmp_path / "results" / run.name
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["queries_per_seed"]) for r in rows] == [10, 20, 30]
+    assert [float(r["mean"]) for r in rows] == pytest.approx(
+        [r["test_accuracy"] for r in rounds])
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert summary["first_budget_passing_target"] is None  # ten steps do not reach 90%
+    from fewlabels.tracking import read_offline_run
+
+    runs = [read_offline_run(p) for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")]
+    per_round = [r for r in runs if "round/test_accuracy" in {k for h in r["history"] for k in h}]
+    assert sorted(r["summary"]["n_queries"] for r in per_round) == [10, 20, 30]
+    curve_keys = {k for r in runs for h in r["history"] for k in h}
+    for logged in ("curve/table/", "curve/accuracy_table/"):  # the table and the line plot
+        assert any(k.startswith(logged) for k in curve_keys), logged
+
+    # Again: every round is read back; nothing is trained or revealed.
+    monkeypatch.setattr(active_module, "fit", lambda *a, **k: pytest.fail("trained again"))
+    again = active(cfg)
+    assert again["rows"] == summary["rows"]
+    assert len(purposes(tmp_path)) == 30
+
+
+def test_a_killed_loop_resumes_in_its_round_and_adds_no_queries(tiny_checkpoint, tmp_path,
+                                                                 monkeypatch):
+    cfg = active_config(tiny_checkpoint, tmp_path)
+    real_fit = active_module.fit
+    calls = []
+
+    def dies_in_round_1(*args, **kwargs):
+        calls.append(args[4])
+        if "round 1" in args[4]:
+            raise KeyboardInterrupt  # the kill, after round 1's ids were bought
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(active_module, "fit", dies_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        active(cfg)
+    assert len(purposes(tmp_path)) == 20  # round 0's ten and round 1's ten
+    monkeypatch.setattr(active_module, "fit", lambda *a, **k: (calls.append(a[4]),
+                                                               real_fit(*a, **k))[1])
+    summary = active(cfg)
+    assert [c.split()[-1] for c in calls] == ["0", "1", "1", "2"]  # round 0 was not redone
+    assert len(purposes(tmp_path)) == 30
+    assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
+
+
+@pytest.mark.slow
+def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_path,
+                                                            monkeypatch):
+    from fewlabels.data import fashion_mnist
+
+    real = fashion_mnist.load_test_set()
+    permuted = type(real)(real.images, np.random.default_rng(0).permutation(real.labels))
+    outcomes = []
+    for tag, test_set in (("real-", real), ("permuted-", permuted)):
+        monkeypatch.setattr(active_module, "load_test_set", lambda test_set=test_set: test_set)
+        cfg = active_config(tiny_checkpoint, tmp_path, f"run_tag={tag}", "select=badge")
+        active(cfg)
+        folder = active_run(cfg, open_checkpoint(tiny_checkpoint), 0).folder
+        rounds = [json.loads((folder / f"round{k}" / "round.json").read_text()) for k in range(3)]
+        outcomes.append(([r["ids"] for r in rounds],
+                         [np.load(folder / f"round{k}" / "test_predictions.npy") for k in range(3)],
+                         [r["test_accuracy"] for r in rounds]))
+    assert outcomes[0][0] == outcomes[1][0]
+    for real_pred, permuted_pred in zip(outcomes[0][1], outcomes[1][1], strict=True):
+        assert np.array_equal(real_pred, permuted_pred)
+    assert outcomes[0][2] != outcomes[1][2]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("budgets=[20,10]", "strictly increasing"), ("budgets=[]", "non-empty"),
+    ("select=nope", "select='nope'"), ("strategy=nope", "strategy='nope'"),
+    ("budgets=[10,5000]", "the pool has 2048 images"), ("round_fraction=0", "round_fraction"),
+    ("target=2", "target=2"),
+])
+def test_bad_arguments_fail_before_any_query(tiny_checkpoint, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        active(active_config(tiny_checkpoint, tmp_path, override))
+    assert not (tmp_path / "ckpt").exists()
+    assert not (tmp_path / "labels.sqlite").exists() or stats() == []
