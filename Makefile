@@ -21,10 +21,10 @@ CKPT     ?=
 ARGS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 
-.PHONY: setup data test lint pretrain finetune active report probe curve search stats bench-pretrain \
+.PHONY: setup data postgres test lint pretrain finetune active report probe curve search stats bench-pretrain \
 	bench-precision bench-finetune gpu-pack gpu-unpack
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data postgres
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ data: $(VENV)/.installed
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "apt-get could not install dataset-fashion-mnist; downloading instead"; fi
 	$(FEWLABELS) data prepare
+
+# PostgreSQL's server binaries (initdb, pg_ctl): the label-database tests start a throwaway cluster.
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+			>/dev/null) || { echo "apt-get could not install postgresql"; exit 1; }; \
+	else echo "install PostgreSQL (Debian: apt-get install postgresql) for 'make test'"; exit 1; fi
 
 lint:
 	$(VENV)/bin/ruff check fewlabels tests benchmarks scripts

@@ -52,3 +52,108 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
         return pretrain(tiny_pretrain_config(tmp, "data.limit=2048", "trainer.max_epochs=2"))
+
+
+# -- PostgreSQL: a throwaway cluster for the label-database tests (no mock) ---------------------
+def _postgres_binary(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                      key=lambda p: int(p.split("/")[4]))
+    return versions[-1] if versions else None
+
+
+class PostgresServer:
+    """A cluster started by the tests in a temporary folder; ``url(db)`` connects as its
+    superuser over TCP on localhost."""
+
+    def __init__(self) -> None:
+        import pwd
+        import shutil
+        import socket
+        import tempfile
+
+        initdb, self.pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+        if not initdb or not self.pg_ctl:
+            pytest.fail("PostgreSQL's initdb/pg_ctl are missing: 'make setup' installs Debian's "
+                        "postgresql package (as root), or install it yourself")
+        self.root = Path(tempfile.mkdtemp(prefix="fewlabels-pg-"))
+        self.user = None
+        if os.geteuid() == 0:  # initdb refuses root: run the cluster as an unprivileged user
+            names = {p.pw_name for p in pwd.getpwall()}
+            self.user = "postgres" if "postgres" in names else "nobody"
+            shutil.chown(self.root, self.user)
+        self.data = self.root / "data"
+        self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                   "--no-sync"])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off -c max_connections=50")
+        self._run([self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-w",
+                   "-o", self.options, "start"])
+
+    def _run(self, cmd: list[str]) -> None:
+        import subprocess
+
+        full = ["runuser", "-u", self.user, "--", *cmd] if self.user else cmd
+        done = subprocess.run(full, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}")
+
+    def url(self, database: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def restart(self) -> None:
+        self._run([self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-w",
+                   "-m", "fast", "-o", self.options, "restart"])
+
+    def stop(self) -> None:
+        import shutil
+
+        try:
+            self._run([self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"])
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh database on the test cluster, initialized with the 60,000 labels, and set as
+    ``FEWLABELS_LABEL_DB``; dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    from fewlabels.oracle import init_database
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = postgres_server.url(name)
+    init_database(url)
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", url)
+    yield url
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each oracle test on both backends: the per-test SQLite file, or a fresh PostgreSQL
+    database on the throwaway cluster."""
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres_url")
+    return request.param

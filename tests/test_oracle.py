@@ -15,14 +15,25 @@ from fewlabels.oracle import BudgetExceeded, LabelDatabaseError, Oracle, stats
 from fewlabels.oracle.database import sqlite_path
 
 
+def _sql(statement: str, *args: object) -> list[tuple]:
+    """A statement on the test's database as its owner, whichever the backend."""
+    url = os.environ["FEWLABELS_LABEL_DB"]
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(statement.replace("?", "%s"), args or None)
+            return cur.fetchall() if cur.description else []
+    with sqlite3.connect(sqlite_path(url)) as conn:
+        return conn.execute(statement, args).fetchall()
+
+
 def _rows(run_id: str) -> list[tuple[int, str]]:
-    path = sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT image_id, purpose FROM queries WHERE run_id = ? "
-                            "ORDER BY image_id", (run_id,)).fetchall()
+    return [tuple(r) for r in _sql("SELECT image_id, purpose FROM queries WHERE run_id = ? "
+                                   "ORDER BY image_id", run_id)]
 
 
-def test_labels_are_the_official_ones_and_every_reveal_is_recorded():
+def test_labels_are_the_official_ones_and_every_reveal_is_recorded(backend):
     truth = read_train_labels_for_label_database()
     ids = [59999, 0, 31337, 7]
     with Oracle("r", budget=10) as oracle:
@@ -32,7 +43,7 @@ def test_labels_are_the_official_ones_and_every_reveal_is_recorded():
     assert {p for _, p in _rows("r")} == {"probe"}
 
 
-def test_asking_again_costs_nothing_and_returns_the_same_labels():
+def test_asking_again_costs_nothing_and_returns_the_same_labels(backend):
     with Oracle("r", budget=5) as oracle:
         first = oracle.query([1, 2, 3])
         assert oracle.query(np.array([3, 2, 1])).tolist() == first[::-1].tolist()
@@ -42,7 +53,7 @@ def test_asking_again_costs_nothing_and_returns_the_same_labels():
         assert again.query([1, 2, 3, 4]).shape == (4,) and again.used == 4
 
 
-def test_budget_refuses_the_whole_query_and_says_what_remains():
+def test_budget_refuses_the_whole_query_and_says_what_remains(backend):
     with Oracle("r", budget=5) as oracle:
         oracle.query([10, 11, 12])
         with pytest.raises(BudgetExceeded, match="needs 3 new labels but only 2 of the budget "
@@ -58,15 +69,20 @@ def test_budget_refuses_the_whole_query_and_says_what_remains():
     ([-1], "out of range"), ([60000], "out of range"), ([3, 4, 3], "repeated within one query"),
     ([1.0], "must be integers"), (["5"], "must be integers"), ([True], "must be integers"),
 ])
-def test_bad_ids_are_refused_and_nothing_is_recorded(bad, message):
+def test_bad_ids_are_refused_and_nothing_is_recorded(bad, message, backend):
     with Oracle("r", budget=100) as oracle, pytest.raises(ValueError, match=message):
         oracle.query(bad)
     assert _rows("r") == []
 
 
-def test_only_sqlite_urls_and_a_clear_error_otherwise():
-    with pytest.raises(LabelDatabaseError, match="only 'sqlite:///PATH' is implemented"):
-        Oracle("r", url="postgresql://db/labels")
+@pytest.mark.parametrize("url, message", [
+    ("mysql://db/labels", "use sqlite:///PATH or postgresql://"),
+    ("labels.sqlite", "use sqlite:///PATH or postgresql://"),
+    ("postgresql://nobody@127.0.0.1:9/labels", "cannot connect to PostgreSQL"),
+])
+def test_unknown_or_unreachable_urls_are_clear_errors(url, message):
+    with pytest.raises(LabelDatabaseError, match=message):
+        Oracle("r", url=url)
 
 
 WORKER = """
@@ -86,16 +102,32 @@ print(ok, refused)
 """
 
 
-def test_two_processes_lose_no_rows_and_never_overspend(tmp_path):
-    Oracle("shared", budget=1500).close()  # build the database once
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(start), "1000", "1500"],
-                              stdout=subprocess.PIPE, text=True) for start in (0, 1000)]
+def test_four_processes_share_one_budget_exactly(tmp_path, backend):
+    """4 processes x 1,000 one-id queries against one budget of 2,500: exactly 2,500 rows, the
+    other 1,500 refused."""
+    Oracle("shared", budget=2500).close()  # build the database once
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(start), "1000", "2500"],
+                              stdout=subprocess.PIPE, text=True) for start in range(0, 4000, 1000)]
     outs = [p.communicate(timeout=300)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     ok = sum(int(o[0]) for o in outs)
     refused = sum(int(o[1]) for o in outs)
-    assert ok == 1500 and refused == 500
-    assert len(_rows("shared")) == 1500
+    assert ok == 2500 and refused == 1500
+    assert len(_rows("shared")) == 2500
+
+
+def _assert_integrity() -> None:
+    """The database's own checks: SQLite's integrity_check; on PostgreSQL, amcheck over the
+    primary keys, and no query row without its run or label."""
+    url = os.environ["FEWLABELS_LABEL_DB"]
+    if url.startswith("postgresql://"):
+        _sql("CREATE EXTENSION IF NOT EXISTS amcheck")
+        for index in ("labels_pkey", "runs_pkey", "queries_pkey"):
+            _sql("SELECT bt_index_check(?::regclass, true)", index)
+        assert _sql("SELECT count(*) FROM queries q LEFT JOIN labels l USING (image_id) "
+                    "WHERE l.image_id IS NULL")[0][0] == 0
+    else:
+        assert _sql("PRAGMA integrity_check")[0][0] == "ok"
 
 
 KILLED = """
@@ -109,15 +141,13 @@ with Oracle("killed", budget=None) as oracle:
 """
 
 
-def test_kill_9_mid_run_leaves_a_consistent_database_that_recorded_what_it_told():
+def test_kill_9_mid_run_leaves_a_consistent_database_that_recorded_what_it_told(backend):
     Oracle("killed").close()
     proc = subprocess.Popen([sys.executable, "-c", KILLED], stdout=subprocess.PIPE, text=True)
     told = [int(proc.stdout.readline().split()[0]) for _ in range(300)]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    path = sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    _assert_integrity()
     recorded = {i for i, _ in _rows("killed")}
     assert set(told) <= recorded
     with Oracle("killed") as oracle:  # still usable; the recorded ids are free again
@@ -126,7 +156,7 @@ def test_kill_9_mid_run_leaves_a_consistent_database_that_recorded_what_it_told(
         assert oracle.used == len(recorded)
 
 
-def test_stats_command(capsys):
+def test_stats_command(capsys, backend):
     with Oracle("a", budget=10) as oracle:
         oracle.query([1, 2, 3])
     Oracle("b").close()
@@ -170,7 +200,7 @@ oracle.close()
 """
 
 
-def test_processes_released_together_never_overspend_and_lose_no_row(tmp_path):
+def test_processes_released_together_never_overspend_and_lose_no_row(tmp_path, backend):
     """Six processes wait at a barrier, then query batches of 7 that straddle a budget of 100:
     the total stays within the budget and every label a process was given is recorded."""
     Oracle("raced", budget=100).close()
@@ -239,13 +269,54 @@ def test_an_old_database_is_migrated_and_a_newer_one_refused():
         Oracle("before", budget=5)
 
 
-def test_oracle_init_is_idempotent_and_refuses_altered_labels(capsys):
+def test_oracle_init_is_idempotent_and_refuses_altered_labels(capsys, backend):
     assert cli_main(["oracle", "init"]) == 0
     assert cli_main(["oracle", "init"]) == 0
     out = capsys.readouterr().out
     assert out.count("60000 labels, the official ones; schema version 1") == 2
-    path = sqlite_path(os.environ["FEWLABELS_LABEL_DB"])
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE labels SET label = (label + 1) % 10 WHERE image_id = 7")
+    _sql("UPDATE labels SET label = (label + 1) % 10 WHERE image_id = 7")
     assert cli_main(["oracle", "init"]) == 2
     assert "differ from the official training label file" in capsys.readouterr().err
+
+
+def test_a_server_restart_between_queries_reconnects_and_records_once(postgres_server,
+                                                                      postgres_url):
+    with Oracle("restarted", budget=10) as oracle:
+        first = oracle.query([1, 2, 3])
+        postgres_server.restart()  # the open connection dies with the old server
+        assert oracle.query([3, 2, 1]).tolist() == first[::-1].tolist()
+        assert oracle.query([4]).shape == (1,)
+        assert oracle.used == 4
+    assert [i for i, _ in _rows("restarted")] == [1, 2, 3, 4]
+
+
+def test_a_worker_role_can_only_ask_through_the_functions(postgres_server, postgres_url):
+    """On PostgreSQL the rules are the server's: a member of fewlabels_worker gets labels only
+    through fewlabels_query (recorded and counted), and cannot read labels or edit the ledger."""
+    import uuid
+
+    import psycopg
+
+    from fewlabels.oracle.postgres import WORKER_ROLE
+
+    role = f"w_{uuid.uuid4().hex[:8]}"
+    _sql(f"CREATE ROLE {role} LOGIN IN ROLE {WORKER_ROLE}")
+    worker_url = postgres_url.replace("//postgres@", f"//{role}@")
+    with Oracle("worker", budget=3, url=worker_url) as oracle:
+        assert oracle.query([5, 6]).tolist() == read_train_labels_for_label_database()[
+            [5, 6]].tolist()
+        with pytest.raises(BudgetExceeded, match="needs 2 new labels but only 1"):
+            oracle.query([7, 8])
+    assert [i for i, _ in _rows("worker")] == [5, 6]
+    with psycopg.connect(worker_url, autocommit=True) as conn:
+        for statement in ("SELECT label FROM labels LIMIT 1",
+                          "DELETE FROM queries",
+                          "INSERT INTO queries VALUES ('worker', 9, 'x', 0)",
+                          "UPDATE runs SET budget = NULL"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    assert [i for i, _ in _rows("worker")] == [5, 6]
+    outsider = f"o_{uuid.uuid4().hex[:8]}"  # logs in, but is not a worker
+    _sql(f"CREATE ROLE {outsider} LOGIN")
+    with pytest.raises(LabelDatabaseError, match=f"member of {WORKER_ROLE}"):
+        Oracle("outsider", url=postgres_url.replace("//postgres@", f"//{outsider}@"))

@@ -1,5 +1,10 @@
 """The label database: the only way a training label reaches code, and every reveal is counted.
 
+:class:`Oracle` is what every stage uses; the URL (``FEWLABELS_LABEL_DB`` or ``url=``) picks the
+backend in :data:`BACKENDS`: ``sqlite:///PATH`` (the default, this module) or
+``postgresql://user@host:port/db`` (:mod:`fewlabels.oracle.postgres`, for workers on several
+hosts sharing one budget). Both keep the tables ``labels``, ``runs``, ``queries`` and ``meta``.
+
 SQLite in WAL mode. ``labels(image_id, label)`` is filled once from the official training
 label file; ``queries(run_id, image_id, purpose, queried_at)`` gets one row per label revealed
 to a run, written in the same transaction that reads the label and committed before the label
@@ -14,13 +19,21 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fewlabels.data.fashion_mnist import data_root, read_train_labels_for_label_database
+from fewlabels.oracle.common import (
+    SCHEMA_VERSION,
+    BudgetExceeded,
+    LabelDatabaseError,
+    RunStats,
+    budget_exceeded,
+    validate_ids,
+)
 
 SCHEMA = """
 CREATE TABLE labels (image_id INTEGER PRIMARY KEY, label INTEGER NOT NULL);
@@ -35,21 +48,12 @@ CREATE TABLE queries (
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta VALUES ('schema_version', '1');
 """
-SCHEMA_VERSION = 1
 # version -> the SQL that takes a database from it to the next; version 0 is a database made
 # before the meta table existed. A later schema change adds one entry here.
 MIGRATIONS: dict[int, str] = {
     0: "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); "
        "INSERT INTO meta VALUES ('schema_version', '1');",
 }
-
-
-class BudgetExceeded(RuntimeError):
-    """A query would reveal more labels than the run's budget allows; nothing was revealed."""
-
-
-class LabelDatabaseError(RuntimeError):
-    """The database URL or file is not usable."""
 
 
 def default_url() -> str:
@@ -60,12 +64,21 @@ def sqlite_path(url: str) -> Path:
     """The file of a SQLAlchemy-style ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
     prefix = "sqlite:///"
     if not url.startswith(prefix) or len(url) == len(prefix):
-        scheme = url.split(":", 1)[0]
         raise LabelDatabaseError(
-            f"label database URL {url!r}: only 'sqlite:///PATH' is implemented (got scheme "
-            f"{scheme!r}). Set FEWLABELS_LABEL_DB to e.g. sqlite:///data/labels.sqlite."
-        )
+            f"label database URL {url!r} is not a SQLite URL: use sqlite:///relative/path or "
+            "sqlite:////absolute/path")
     return Path(url[len(prefix):])
+
+
+def backend_of(url: str) -> str:
+    """``sqlite`` or ``postgresql``, from the URL's scheme; a clear error for anything else."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    scheme = {"postgres": "postgresql", "postgresql+psycopg": "postgresql"}.get(scheme, scheme)
+    if scheme not in ("sqlite", "postgresql"):
+        raise LabelDatabaseError(
+            f"label database URL {url!r}: use sqlite:///PATH or "
+            "postgresql://user@host:port/database (FEWLABELS_LABEL_DB or --db)")
+    return scheme
 
 
 LOCK_TIMEOUT_S = 60.0
@@ -148,11 +161,16 @@ def labels_checksum(conn: sqlite3.Connection) -> str:
     return digest.hexdigest()
 
 
-def init_database(url: str | None = None) -> tuple[Path, int, int]:
+def init_database(url: str | None = None) -> tuple[str, int, int]:
     """``fewlabels oracle init``: build the database if needed (idempotent) and check that its
-    labels are the official training labels. Returns (path, labels, schema version)."""
-    path = ensure_database(url)
+    labels are the official training labels. Returns (where, labels, schema version)."""
+    url = url or default_url()
     labels = read_train_labels_for_label_database()
+    if backend_of(url) == "postgresql":
+        from fewlabels.oracle.postgres import init_postgres
+
+        return init_postgres(url, labels)
+    path = _ensure_sqlite(url)
     expected = hashlib.md5("".join(f"{i}:{int(y)}\n" for i, y in enumerate(labels)).encode())
     conn = _connect(path)
     try:
@@ -162,7 +180,7 @@ def init_database(url: str | None = None) -> tuple[Path, int, int]:
                 "label file: it was altered or built from other data. Move it away and run "
                 "'fewlabels oracle init' again")
         count = conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
-        return path, count, schema_version(conn)
+        return str(path), count, schema_version(conn)
     finally:
         conn.close()
 
@@ -186,9 +204,19 @@ def _begin_immediate(conn: sqlite3.Connection, path: Path) -> None:
         raise explain(err, path) from err
 
 
-def ensure_database(url: str | None = None) -> Path:
-    """Create the database from the training label file if it does not exist yet."""
-    path = sqlite_path(url or default_url())
+def ensure_database(url: str | None = None) -> Path | str:
+    """The SQLite file, built from the training label file if it does not exist yet; for
+    PostgreSQL, a check that the database was initialized (``fewlabels oracle init``)."""
+    url = url or default_url()
+    if backend_of(url) == "postgresql":
+        store = open_store(url)
+        store.close()
+        return store.location
+    return _ensure_sqlite(url)
+
+
+def _ensure_sqlite(url: str) -> Path:
+    path = sqlite_path(url)
     if path.exists():
         return path
     print(f"fewlabels: no label database at {path}: building a new one (60,000 labels, no "
@@ -216,22 +244,97 @@ def ensure_database(url: str | None = None) -> Path:
     return path
 
 
-def _validate_ids(ids: Iterable[int], n_images: int) -> list[int]:
-    values = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
-    out = []
-    for value in values:
-        if isinstance(value, np.integer):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"image ids must be integers, got {value!r} ({type(value).__name__})")
-        if not 0 <= value < n_images:
-            raise ValueError(f"image id {value} is out of range: ids are 0..{n_images - 1}")
-        out.append(value)
-    if len(set(out)) != len(out):
-        seen: set[int] = set()
-        dupes = sorted({v for v in out if v in seen or seen.add(v)})
-        raise ValueError(f"image ids repeated within one query: {dupes[:10]}; pass each id once")
-    return out
+class SQLiteStore:
+    """One SQLite file: the budget check and the insert of the query rows under one
+    ``BEGIN IMMEDIATE`` (one writer at a time, so the check cannot race)."""
+
+    def __init__(self, url: str, build: bool = True) -> None:
+        self.path = _ensure_sqlite(url) if build else sqlite_path(url)
+        if not self.path.exists():
+            raise LabelDatabaseError(f"no label database at {self.path}; it is created on the "
+                                     "first query, or by 'fewlabels oracle init'")
+        self.location = str(self.path)
+        self._conn = _connect(self.path)
+        self.n_images = self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+
+    def _transaction(self, work: Any) -> Any:
+        _begin_immediate(self._conn, self.path)
+        try:
+            out = work(self._conn)
+            self._conn.execute("COMMIT")
+            return out
+        except BaseException as err:
+            self._conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error):
+                raise explain(err, self.path) from err
+            raise
+
+    def open_run(self, run_id: str, budget: int | None) -> int | None:
+        def work(conn: sqlite3.Connection) -> int | None:
+            conn.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
+                         (run_id, budget, time.time()))
+            return conn.execute("SELECT budget FROM runs WHERE run_id = ?",
+                                (run_id,)).fetchone()[0]
+
+        return self._transaction(work)
+
+    def used(self, run_id: str) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM queries WHERE run_id = ?",
+                                  (run_id,)).fetchone()[0]
+
+    def query(self, run_id: str, ids: list[int], purpose: str, budget: int | None) -> np.ndarray:
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (pos INTEGER, image_id INTEGER)")
+            conn.execute("DELETE FROM wanted")
+            conn.executemany("INSERT INTO wanted VALUES (?, ?)", enumerate(ids))
+            (n_new,) = conn.execute(
+                "SELECT COUNT(*) FROM wanted w WHERE NOT EXISTS (SELECT 1 FROM queries q "
+                "WHERE q.run_id = ? AND q.image_id = w.image_id)", (run_id,)).fetchone()
+            (n_used,) = conn.execute("SELECT COUNT(*) FROM queries WHERE run_id = ?",
+                                     (run_id,)).fetchone()
+            if budget is not None and n_used + n_new > budget:
+                raise budget_exceeded(run_id, n_new, budget - n_used, budget)
+            conn.execute("INSERT OR IGNORE INTO queries SELECT ?, image_id, ?, ? FROM wanted",
+                         (run_id, purpose, time.time()))
+            return conn.execute("SELECT l.label FROM wanted w JOIN labels l "
+                                "ON l.image_id = w.image_id ORDER BY w.pos").fetchall()
+
+        return np.array([r[0] for r in self._transaction(work)], dtype=np.int64)
+
+    def stats(self, run_id: str | None) -> list[RunStats]:
+        sql = ("SELECT r.run_id, r.budget, COUNT(q.image_id), MIN(q.queried_at), "
+               "MAX(q.queried_at) FROM runs r LEFT JOIN queries q ON q.run_id = r.run_id")
+        args: tuple[str, ...] = ()
+        if run_id is not None:
+            sql, args = sql + " WHERE r.run_id = ?", (run_id,)
+        rows = self._conn.execute(sql + " GROUP BY r.run_id ORDER BY r.created_at",
+                                  args).fetchall()
+        return [RunStats(*row) for row in rows]
+
+    def distinct(self, run_ids: list[str]) -> int:
+        marks = ",".join("?" * len(run_ids)) or "NULL"
+        return self._conn.execute(f"SELECT COUNT(DISTINCT image_id) FROM queries "
+                                  f"WHERE run_id IN ({marks})", run_ids).fetchone()[0]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _postgres(url: str, build: bool = True) -> Any:
+    from fewlabels.oracle.postgres import PostgresStore
+
+    return PostgresStore(url)
+
+
+# URL scheme -> the store class (the PostgreSQL module, and psycopg, load only when used).
+BACKENDS: dict[str, Callable[..., Any]] = {"sqlite": SQLiteStore, "postgresql": _postgres}
+
+
+def open_store(url: str | None = None, build: bool = True) -> Any:
+    """The store behind ``url``: ``open_run``, ``used``, ``query``, ``stats``, ``distinct``,
+    ``close``, ``n_images`` and ``location``. ``build``: make a missing SQLite file."""
+    url = url or default_url()
+    return BACKENDS[backend_of(url)](url, build=build)
 
 
 class Oracle:
@@ -244,22 +347,14 @@ class Oracle:
         if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0 or None, got {budget}")
         self.run_id, self.purpose = run_id, purpose
-        self._path = ensure_database(url)
-        self._conn = _connect(self._path)
-        self._n_images = self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
-        _begin_immediate(self._conn, self._path)
+        self._store = open_store(url)
         try:
-            self._conn.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?)",
-                               (run_id, budget, time.time()))
-            stored = self._conn.execute("SELECT budget FROM runs WHERE run_id = ?",
-                                        (run_id,)).fetchone()[0]
-            self._conn.execute("COMMIT")
-        except BaseException as err:
-            self._conn.execute("ROLLBACK")
-            if isinstance(err, sqlite3.Error):
-                raise explain(err, self._path) from err
+            stored = self._store.open_run(run_id, budget)
+        except BaseException:
+            self._store.close()
             raise
         if stored != budget:
+            self._store.close()
             raise ValueError(f"run {run_id!r} was created with budget {stored}, not {budget}: "
                              "pass the same budget or use a new run id")
         self.budget = budget
@@ -267,8 +362,7 @@ class Oracle:
     @property
     def used(self) -> int:
         """Distinct labels revealed to this run so far."""
-        return self._conn.execute("SELECT COUNT(*) FROM queries WHERE run_id = ?",
-                                  (self.run_id,)).fetchone()[0]
+        return self._store.used(self.run_id)
 
     @property
     def remaining(self) -> int | None:
@@ -276,40 +370,13 @@ class Oracle:
 
     def query(self, ids: Sequence[int] | np.ndarray, purpose: str | None = None) -> np.ndarray:
         """Labels of ``ids`` (same order). New ids are recorded and counted before returning."""
-        wanted = _validate_ids(ids, self._n_images)
+        wanted = validate_ids(ids, self._store.n_images)
         if not wanted:
             return np.zeros(0, dtype=np.int64)
-        conn = self._conn
-        _begin_immediate(conn, self._path)  # one writer at a time: the budget check cannot race
-        try:
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (pos INTEGER, image_id INTEGER)")
-            conn.execute("DELETE FROM wanted")
-            conn.executemany("INSERT INTO wanted VALUES (?, ?)", enumerate(wanted))
-            (n_new,) = conn.execute(
-                "SELECT COUNT(*) FROM wanted w WHERE NOT EXISTS (SELECT 1 FROM queries q "
-                "WHERE q.run_id = ? AND q.image_id = w.image_id)", (self.run_id,)).fetchone()
-            (n_used,) = conn.execute("SELECT COUNT(*) FROM queries WHERE run_id = ?",
-                                     (self.run_id,)).fetchone()
-            if self.budget is not None and n_used + n_new > self.budget:
-                raise BudgetExceeded(
-                    f"run {self.run_id!r}: this query needs {n_new} new labels but only "
-                    f"{self.budget - n_used} of the budget of {self.budget} remain; nothing "
-                    "was revealed. Ask for fewer ids or raise the budget with a new run id.")
-            conn.execute(
-                "INSERT OR IGNORE INTO queries SELECT ?, image_id, ?, ? FROM wanted",
-                (self.run_id, purpose or self.purpose, time.time()))
-            rows = conn.execute("SELECT l.label FROM wanted w JOIN labels l "
-                                "ON l.image_id = w.image_id ORDER BY w.pos").fetchall()
-            conn.execute("COMMIT")
-        except BaseException as err:
-            conn.execute("ROLLBACK")
-            if isinstance(err, sqlite3.Error):
-                raise explain(err, self._path) from err
-            raise
-        return np.array([r[0] for r in rows], dtype=np.int64)
+        return self._store.query(self.run_id, wanted, purpose or self.purpose, self.budget)
 
     def close(self) -> None:
-        self._conn.close()
+        self._store.close()
 
     def __enter__(self) -> Oracle:
         return self
@@ -318,42 +385,27 @@ class Oracle:
         self.close()
 
 
-@dataclass(frozen=True)
-class RunStats:
-    run_id: str
-    budget: int | None
-    labels_revealed: int
-    first_query: float | None
-    last_query: float | None
-
-
 def stats(url: str | None = None, run_id: str | None = None) -> list[RunStats]:
     """Labels revealed per run (optionally one run), read without building anything."""
-    path = sqlite_path(url or default_url())
-    if not path.exists():
-        raise LabelDatabaseError(f"no label database at {path}; it is created on the first query")
-    conn = _connect(path)
+    store = open_store(url, build=False)
     try:
-        sql = ("SELECT r.run_id, r.budget, COUNT(q.image_id), MIN(q.queried_at), "
-               "MAX(q.queried_at) FROM runs r LEFT JOIN queries q ON q.run_id = r.run_id")
-        args: tuple[str, ...] = ()
-        if run_id is not None:
-            sql, args = sql + " WHERE r.run_id = ?", (run_id,)
-        rows = conn.execute(sql + " GROUP BY r.run_id ORDER BY r.created_at", args).fetchall()
+        rows = store.stats(run_id)
     finally:
-        conn.close()
+        store.close()
     if run_id is not None and not rows:
-        raise LabelDatabaseError(f"no run {run_id!r} in {path}")
-    return [RunStats(*row) for row in rows]
+        raise LabelDatabaseError(f"no run {run_id!r} in {store.location}")
+    return rows
 
 
 def distinct_ids_revealed(run_ids: Iterable[str], url: str | None = None) -> int:
     """Distinct images whose label was revealed to any of ``run_ids``."""
-    conn = _connect(ensure_database(url))
+    store = open_store(url)
     try:
-        ids = list(run_ids)
-        marks = ",".join("?" * len(ids)) or "NULL"
-        return conn.execute(f"SELECT COUNT(DISTINCT image_id) FROM queries "
-                            f"WHERE run_id IN ({marks})", ids).fetchone()[0]
+        return store.distinct(list(run_ids))
     finally:
-        conn.close()
+        store.close()
+
+
+__all__ = ["BACKENDS", "BudgetExceeded", "LabelDatabaseError", "Oracle", "RunStats",
+           "SCHEMA_VERSION", "distinct_ids_revealed", "ensure_database", "init_database",
+           "open_store", "stats"]
