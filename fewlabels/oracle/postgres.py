@@ -1,6 +1,6 @@
 """The label database on PostgreSQL: many workers on many hosts sharing one budget.
 
-psycopg 3 directly, not SQLAlchemy: the backend is six server-side functions and one COPY, so a
+psycopg 3 directly, not SQLAlchemy: the backend is seven server-side functions and one COPY, so a
 query builder would add a dependency and hide the one thing that matters here, the transaction.
 
 Honesty is enforced by the server, not promised: ``fewlabels oracle init --db URL`` (run as the
