@@ -20,6 +20,9 @@ SELECT   ?= margin
 CKPT     ?=
 ARGS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
+# curve / search with a fine-tuned learner (LEARNER=supervised|fixmatch|...) instead of probes
+LEARNER  ?=
+LEARNER_ARG = $(if $(LEARNER),learner=$(LEARNER))
 
 .PHONY: setup data postgres test lint pretrain finetune active report probe curve search stats bench-pretrain \
 	bench-precision bench-finetune gpu-pack gpu-unpack
@@ -76,11 +79,11 @@ probe:
 	$(FEWLABELS) probe n=$(N) strategy=$(STRATEGY) probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
 
 curve:
-	$(FEWLABELS) curve probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)
+	$(FEWLABELS) curve probe=$(PROBE) seeds=$(SEEDS) $(LEARNER_ARG) $(CKPT_ARG) $(ARGS)
 
 search:
 	$(FEWLABELS) search search.target=$(TARGET) strategy=$(STRATEGY) seeds=$(SEEDS) \
-		search.probe=$(if $(filter all,$(PROBE)),linear,$(PROBE)) $(CKPT_ARG) $(ARGS)
+		search.probe=$(if $(filter all,$(PROBE)),linear,$(PROBE)) $(LEARNER_ARG) $(CKPT_ARG) $(ARGS)
 
 stats:
 	$(FEWLABELS) oracle stats

@@ -243,3 +243,28 @@ def test_typiclust_beyond_max_clusters_spreads_picks_evenly(unit_features):
     assert len(set(ids.tolist())) == 45
     per_cluster = np.bincount(cluster(unit_features, 10, seed=1)[ids], minlength=10)
     assert per_cluster.min() >= 4 and per_cluster.max() <= 5
+
+
+def test_curve_and_search_with_a_fine_tuned_learner(tiny_checkpoint, tmp_path):
+    """LEARNER=: each N is the finetune command's run (its oracle runs, its results files)."""
+    learner = ["learner=supervised", "learner_args=['preset=tiny','trainer.steps=5']",
+               f"checkpoint_dir={tmp_path / 'ckpt'}", f"logger.dir={tmp_path}"]
+    cfg = probe_config(tiny_checkpoint, tmp_path, "seeds=1", "curve.ns=[10,20]",
+                       "curve.strategies=[random]", *learner)
+    out = probe_run.curve(cfg)
+    lines = out.with_suffix(".csv").read_text().splitlines()
+    assert [line.split(",")[:3] for line in lines[1:]] == [["10", "random", "supervised"],
+                                                          ["20", "random", "supervised"]]
+    finetune_runs = {s.run_id: s.labels_revealed for s in stats()}
+    assert sorted(finetune_runs.values()) == [10, 20]
+    assert all(r.startswith("finetune/") for r in finetune_runs)
+    assert len(list((tmp_path / "results").glob("finetune-*-supervised-random-n*.json"))) == 2
+    assert [int(line.split(",")[-1]) for line in lines[1:]] == [10, 20]  # queries counted
+
+    cfg = probe_config(tiny_checkpoint, tmp_path, "seeds=1", "search.grid=[10,20]",
+                       "search.target=0.0", "search.resolution=100", "strategy=random", *learner)
+    result = probe_run.search(cfg)  # N=10 passes a target of 0: read back, nothing new bought
+    assert result["smallest_n"] is not None and result["probe"] == "supervised"
+    assert {s.run_id: s.labels_revealed for s in stats()} == finetune_runs
+    with pytest.raises(ValueError, match="learner='nope'"):
+        probe_run.curve(probe_config(tiny_checkpoint, tmp_path, "learner=nope", "curve.ns=[10]"))

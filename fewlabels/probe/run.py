@@ -95,6 +95,12 @@ def validate(cfg: DictConfig, ns: list[int], strategies: list[str], probe: str) 
     for strategy in strategies:
         check_strategy(strategy)
     probe_names(probe)
+    if cfg.learner:
+        from fewlabels.semisup import ALGORITHMS
+
+        if cfg.learner not in ALGORITHMS:
+            raise ValueError(f"learner={cfg.learner!r}: use one of {', '.join(ALGORITHMS)} "
+                             "(or null for the frozen probes)")
 
 
 def embedded(cfg: DictConfig) -> Embedded:
@@ -170,9 +176,31 @@ def _log_probe_run(cfg: DictConfig, ckpt: Checkpoint, run_id: str,
     run.finish()
 
 
+def _finetuned_row(cfg: DictConfig, emb: Embedded, strategy: str, n: int) -> dict[str, Any]:
+    """One N with ``cfg.learner``: the `fewlabels finetune` command's seeds, as a curve row."""
+    from fewlabels.config import compose
+    from fewlabels.semisup.run import finetune
+
+    overrides = [f"n={n}", f"algorithm={cfg.learner}", f"strategy={strategy}",
+                 f"seeds={cfg.seeds}", f"first_seed={cfg.first_seed}",
+                 f"checkpoint={emb.ckpt.folder}", f"results_dir={cfg.results_dir}",
+                 f"run_tag={cfg.run_tag}", f"logger.dir={cfg.logger.dir}",
+                 f"checkpoint_dir={cfg.checkpoint_dir}"]
+    if cfg.pool_limit is not None:
+        overrides.append(f"pool_limit={cfg.pool_limit}")
+    results = finetune(compose("finetune", [*overrides, *cfg.learner_args]))
+    accs = np.array([r["test_accuracy"] for r in results])
+    return {"n": n, "strategy": strategy, "probe": cfg.learner, "seeds": len(results),
+            "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+            "accuracies": accs.tolist(), "queries": int(sum(r["n_queries"] for r in results)),
+            "run_ids": [r["oracle_run_id"] for r in results]}
+
+
 def evaluate_n(cfg: DictConfig, emb: Embedded, test_labels: np.ndarray, strategy: str, n: int,
                probes: tuple[str, ...]) -> list[dict[str, Any]]:
-    """All seeds at one N; returns one summary row per probe."""
+    """All seeds at one N; returns one summary row per probe (or the fine-tuned learner's)."""
+    if cfg.learner:
+        return [_finetuned_row(cfg, emb, strategy, n)]
     per_seed = [run_seed(cfg, emb, test_labels, strategy, n, cfg.first_seed + s, probes)
                 for s in range(cfg.seeds)]
     summary = []
@@ -207,7 +235,7 @@ def curve(cfg: DictConfig) -> Path:
     validate(cfg, list(cfg.curve.ns), list(cfg.curve.strategies), cfg.probe)
     emb = embedded(cfg)
     test_labels = load_test_set().labels
-    probes = probe_names(cfg.probe)
+    probes = (cfg.learner,) if cfg.learner else probe_names(cfg.probe)
     summary = [row for strategy in cfg.curve.strategies for n in cfg.curve.ns
                for row in evaluate_n(cfg, emb, test_labels, strategy, n, probes)]
     out = Path(cfg.results_dir) / f"curve-{cfg.run_tag}{emb.ckpt.name}"
@@ -259,7 +287,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, list(cfg.search.grid), [cfg.strategy], cfg.search.probe)
     emb = embedded(cfg)
     test_labels = load_test_set().labels
-    probes = probe_names(cfg.search.probe)
+    probes = (cfg.learner,) if cfg.learner else probe_names(cfg.search.probe)
     target, strategy = cfg.search.target, cfg.strategy
     tried: dict[int, dict[str, Any]] = {}
 
