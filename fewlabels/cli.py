@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _oracle_stats(args: argparse.Namespace) -> int:
@@ -25,6 +26,32 @@ def _oracle_init(args: argparse.Namespace) -> int:
 
     path, count, version = init_database(args.db)
     print(f"label database {path}: {count} labels, the official ones; schema version {version}")
+    return 0
+
+
+def _oracle_export(args: argparse.Namespace) -> int:
+    from fewlabels.files import write_json_atomic
+    from fewlabels.oracle.database import export_ledger
+
+    ledger = export_ledger(args.db)
+    write_json_atomic(args.out, ledger)
+    print(f"wrote {args.out}: {len(ledger['runs'])} runs, {len(ledger['queries'])} labels "
+          "revealed (the record, not the labels)")
+    return 0
+
+
+def _oracle_import(args: argparse.Namespace) -> int:
+    import json
+
+    from fewlabels.oracle.database import import_ledger
+
+    try:
+        ledger = json.loads(Path(args.file).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{args.file} cannot be read as a ledger ({err}): make it with "
+                         "'fewlabels oracle export'") from err
+    runs, queries = import_ledger(ledger, args.db)
+    print(f"imported {runs} runs and {queries} query rows (rows already there kept)")
     return 0
 
 
@@ -107,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "labels against the official file")
     ini.add_argument("--db", default=None, help="database URL (default: $FEWLABELS_LABEL_DB)")
     ini.set_defaults(func=_oracle_init)
+    exp = osub.add_parser("export", help="write the ledger (runs and queries, not the labels) "
+                          "as JSON, to back it up or move it to another database")
+    exp.add_argument("--db", default=None, help="database URL (default: $FEWLABELS_LABEL_DB)")
+    exp.add_argument("--out", required=True, help="the JSON file to write")
+    exp.set_defaults(func=_oracle_export)
+    imp = osub.add_parser("import", help="add an exported ledger to a database (idempotent)")
+    imp.add_argument("file", help="a file written by 'fewlabels oracle export'")
+    imp.add_argument("--db", default=None, help="database URL (default: $FEWLABELS_LABEL_DB)")
+    imp.set_defaults(func=_oracle_import)
 
     p = sub.add_parser("report", help="fine-tuning results as a markdown table")
     p.add_argument("--results", default="results", help="folder of finetune-*.json")

@@ -320,3 +320,31 @@ def test_a_worker_role_can_only_ask_through_the_functions(postgres_server, postg
     _sql(f"CREATE ROLE {outsider} LOGIN")
     with pytest.raises(LabelDatabaseError, match=f"member of {WORKER_ROLE}"):
         Oracle("outsider", url=postgres_url.replace("//postgres@", f"//{outsider}@"))
+
+
+def test_a_ledger_moves_from_sqlite_to_postgresql(tmp_path, postgres_url, capsys, monkeypatch):
+    """`oracle export` from the SQLite file, `oracle import` into PostgreSQL: the same runs,
+    budgets and rows; importing again adds nothing; a clashing budget is refused whole."""
+    sqlite_url = f"sqlite:///{tmp_path / 'labels.sqlite'}"
+    with Oracle("moved", budget=5, url=sqlite_url) as oracle:
+        oracle.query([4, 8, 15])
+    Oracle("empty", url=sqlite_url).close()
+    ledger = tmp_path / "ledger.json"
+    assert cli_main(["oracle", "export", "--db", sqlite_url, "--out", str(ledger)]) == 0
+    pg_url = postgres_url
+    for _ in range(2):
+        assert cli_main(["oracle", "import", str(ledger), "--db", pg_url]) == 0
+    rows = [(r.run_id, r.budget, r.labels_revealed) for r in stats(pg_url)]
+    assert rows == [("moved", 5, 3), ("empty", None, 0)]
+    with Oracle("moved", budget=5, url=pg_url) as oracle:  # the imported budget holds
+        assert oracle.used == 3
+        with pytest.raises(BudgetExceeded):
+            oracle.query([16, 23, 42])
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", sqlite_url)
+    _sql("UPDATE runs SET budget = 6 WHERE run_id = 'moved'")
+    assert cli_main(["oracle", "export", "--out", str(ledger)]) == 0
+    assert cli_main(["oracle", "import", str(ledger), "--db", pg_url]) == 2
+    assert "exist in" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cli_main(["oracle", "import", str(tmp_path / "bad.json"), "--db", pg_url]) == 2
+    assert "cannot be read as a ledger" in capsys.readouterr().err

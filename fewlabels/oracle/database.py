@@ -316,6 +316,19 @@ class SQLiteStore:
         return self._conn.execute(f"SELECT COUNT(DISTINCT image_id) FROM queries "
                                   f"WHERE run_id IN ({marks})", run_ids).fetchone()[0]
 
+    def ledger(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        return (self._conn.execute("SELECT run_id, budget, created_at FROM runs "
+                                   "ORDER BY created_at, run_id").fetchall(),
+                self._conn.execute("SELECT run_id, image_id, purpose, queried_at FROM queries "
+                                   "ORDER BY run_id, image_id").fetchall())
+
+    def load_ledger(self, runs: list[list[Any]], queries: list[list[Any]]) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO runs VALUES (?, ?, ?)", runs)
+            conn.executemany("INSERT OR IGNORE INTO queries VALUES (?, ?, ?, ?)", queries)
+
+        self._transaction(work)
+
     def close(self) -> None:
         self._conn.close()
 
@@ -397,6 +410,43 @@ def stats(url: str | None = None, run_id: str | None = None) -> list[RunStats]:
     return rows
 
 
+def export_ledger(url: str | None = None) -> dict[str, Any]:
+    """The record of what was revealed (``runs`` and ``queries``, not the labels), to move a
+    ledger between databases or back it up. Needs the owner's access on PostgreSQL."""
+    store = open_store(url, build=False)
+    try:
+        runs, queries = store.ledger()
+    finally:
+        store.close()
+    return {"schema_version": SCHEMA_VERSION, "runs": [list(r) for r in runs],
+            "queries": [list(q) for q in queries]}
+
+
+def import_ledger(ledger: dict[str, Any], url: str | None = None) -> tuple[int, int]:
+    """Add an exported ledger to a database holding the same labels; rows already there are
+    kept. A run whose budget differs from the one already there is refused before any row."""
+    if ledger.get("schema_version") != SCHEMA_VERSION or not isinstance(ledger.get("runs"), list) \
+            or not isinstance(ledger.get("queries"), list):
+        raise LabelDatabaseError("not a fewlabels ledger of schema version "
+                                 f"{SCHEMA_VERSION}: make it with 'fewlabels oracle export'")
+    store = open_store(url)
+    try:
+        known = {r.run_id: r.budget for r in store.stats(None)}
+        clash = [r[0] for r in ledger["runs"] if r[0] in known and known[r[0]] != r[1]]
+        if clash:
+            raise LabelDatabaseError(f"runs {clash[:5]} exist in {store.location} with another "
+                                     "budget: nothing was imported")
+        bad = [q[1] for q in ledger["queries"] if isinstance(q[1], bool)
+               or not isinstance(q[1], int) or not 0 <= q[1] < store.n_images]
+        if bad:
+            raise LabelDatabaseError(f"the ledger names image ids {bad[:5]} that this database "
+                                     "does not have: nothing was imported")
+        store.load_ledger(ledger["runs"], ledger["queries"])
+    finally:
+        store.close()
+    return len(ledger["runs"]), len(ledger["queries"])
+
+
 def distinct_ids_revealed(run_ids: Iterable[str], url: str | None = None) -> int:
     """Distinct images whose label was revealed to any of ``run_ids``."""
     store = open_store(url)
@@ -407,5 +457,6 @@ def distinct_ids_revealed(run_ids: Iterable[str], url: str | None = None) -> int
 
 
 __all__ = ["BACKENDS", "BudgetExceeded", "LabelDatabaseError", "Oracle", "RunStats",
-           "SCHEMA_VERSION", "distinct_ids_revealed", "ensure_database", "init_database",
+           "SCHEMA_VERSION", "distinct_ids_revealed", "ensure_database", "export_ledger",
+           "import_ledger", "init_database",
            "open_store", "stats"]

@@ -225,6 +225,24 @@ class PostgresStore:
         return self._call(lambda c: c.execute("SELECT fewlabels_distinct(%s)", (run_ids,))
                           .fetchone()[0])
 
+    def ledger(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Runs and queries, read directly: the owner's access (a worker is refused)."""
+        return self._call(lambda c: (
+            c.execute("SELECT run_id, budget, created_at FROM runs "
+                      "ORDER BY created_at, run_id").fetchall(),
+            c.execute("SELECT run_id, image_id, purpose, queried_at FROM queries "
+                      "ORDER BY run_id, image_id").fetchall()))
+
+    def load_ledger(self, runs: list[list[Any]], queries: list[list[Any]]) -> None:
+        def work(conn: Any) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany("INSERT INTO runs VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                                runs)
+                cur.executemany("INSERT INTO queries VALUES (%s, %s, %s, %s) "
+                                "ON CONFLICT DO NOTHING", queries)
+
+        self._call(work)
+
     def close(self) -> None:
         self._conn.close()
 
