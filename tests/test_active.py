@@ -168,3 +168,13 @@ def test_bad_arguments_fail_before_any_query(tiny_checkpoint, tmp_path, override
         active(active_config(tiny_checkpoint, tmp_path, override))
     assert not (tmp_path / "ckpt").exists()
     assert not (tmp_path / "labels.sqlite").exists() or stats() == []
+
+
+def test_a_time_capped_round_is_not_taken_for_done(tiny_checkpoint, tmp_path):
+    capped = active_config(tiny_checkpoint, tmp_path, "trainer.steps=100000",
+                           "trainer.max_time=00:00:00:01")
+    assert active(capped) == {}  # no curve from an unfinished round
+    folder = active_run(capped, open_checkpoint(tiny_checkpoint), 0).folder
+    assert (folder / "round0" / "last.ckpt").is_file()
+    assert not (folder / "round0" / "round.json").exists()
+    assert not list((tmp_path / "results").glob("active-*.csv"))

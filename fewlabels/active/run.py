@@ -196,12 +196,15 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     run_log.summary.update({"test_accuracy": metrics["test_accuracy"], "round": k,
                             "n_queries": n_queries, "seed": seed})
     run_log.finish()
-    write_json_atomic(done, result)
+    if result["ended_by"] == "steps":  # a time-capped round is continued by the next run
+        write_json_atomic(done, result)
     return result
 
 
 def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_feats: np.ndarray,
-             test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> list[dict[str, Any]]:
+             test_images: np.ndarray, test_labels: np.ndarray, seed: int,
+             ) -> list[dict[str, Any]] | None:
+    """The seed's rounds; None when trainer.max_time stopped one (run the command again)."""
     run = active_run(cfg, ckpt, seed)
     check_same_training(cfg, run.folder, ACTIVE_KEYS)
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -214,6 +217,8 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
         print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
               f"{result['test_accuracy']:.2%} ({result['how']}, {result['steps']} steps, "
               f"{result['wall_time_s_this_invocation'] / 60:.1f} min)", flush=True)
+        if result["ended_by"] != "steps":
+            return None
         labeled = np.array(result["ids"], dtype=np.int64)
         rounds.append(result)
     return rounds
@@ -284,8 +289,13 @@ def active(cfg: DictConfig) -> dict[str, Any]:
     test = load_test_set()
     pretrained_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)
     seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
-    per_seed = [run_seed(cfg, ckpt, pool, pretrained_feats, test.images, test.labels, seed)
+    finished = [run_seed(cfg, ckpt, pool, pretrained_feats, test.images, test.labels, seed)
                 for seed in seeds]
+    per_seed = [rounds for rounds in finished if rounds is not None]
+    if len(per_seed) < len(finished):
+        print("WARNING: trainer.max_time stopped a round before its steps; no curve is written. "
+              "Run the same command again to continue from there.", flush=True)
+        return {}
     rows = curve_rows(per_seed, budgets)
     name = active_run(cfg, ckpt, seeds[0]).name
     out = Path(cfg.results_dir) / name
