@@ -11,7 +11,7 @@ import pytest
 
 from fewlabels.cli import main as cli_main
 from fewlabels.data.fashion_mnist import read_train_labels_for_label_database
-from fewlabels.oracle import BudgetExceeded, LabelDatabaseError, Oracle, stats
+from fewlabels.oracle import BudgetExceeded, LabelDatabaseError, Oracle, init_database, stats
 from fewlabels.oracle.database import sqlite_path
 
 
@@ -348,3 +348,16 @@ def test_a_ledger_moves_from_sqlite_to_postgresql(tmp_path, postgres_url, capsys
     (tmp_path / "bad.json").write_text("{not json")
     assert cli_main(["oracle", "import", str(tmp_path / "bad.json"), "--db", pg_url]) == 2
     assert "cannot be read as a ledger" in capsys.readouterr().err
+
+
+def test_a_postgresql_database_of_a_newer_schema_is_refused(postgres_url):
+    with Oracle("kept", budget=3) as oracle:
+        oracle.query([1])
+    _sql("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LabelDatabaseError, match="schema version 99: newer than this fewlabels"):
+        Oracle("kept", budget=3)
+    with pytest.raises(LabelDatabaseError, match="schema version 99, newer"):
+        init_database(postgres_url)
+    _sql("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with Oracle("kept", budget=3) as oracle:
+        assert oracle.used == 1
