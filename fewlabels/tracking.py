@@ -76,9 +76,8 @@ def read_offline_run(run_file: str | os.PathLike[str]) -> dict[str, Any]:
 def init_run(cfg: Any, **kwargs: Any) -> Any:
     """A W&B run of a stage that is not a Lightning fit (probes, curves), configured from its
     ``logger`` section, the resolved config attached."""
-    from omegaconf import OmegaConf
-
     import wandb
+    from omegaconf import OmegaConf
 
     Path(cfg.logger.dir).mkdir(parents=True, exist_ok=True)
     return wandb.init(project=cfg.logger.project, dir=cfg.logger.dir,
