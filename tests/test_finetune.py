@@ -305,3 +305,24 @@ def test_a_changed_configuration_is_not_read_back_as_the_old_result(tiny_checkpo
                              "algorithm=supervised", "trainer.steps=5", "optimizer.lr=0.1")
     (result,) = finetune(tagged)
     assert result["steps"] == 5
+
+
+def test_report_never_averages_different_configurations(tmp_path, capsys):
+    from fewlabels.semisup.report import report
+
+    def result(tag: str, seed: int, steps: int, acc: float) -> None:
+        (tmp_path / f"finetune-{tag}{seed}-{steps}.json").write_text(json.dumps({
+            "oracle_run_id": f"finetune/{tag}ck-12345678/typiclust/n50/seed{seed}",
+            "algorithm": "selftrain", "strategy": "typiclust", "n": 50, "seed": seed,
+            "test_accuracy": acc, "n_queries": 50, "steps": steps, "steps_configured": steps,
+            "ended_by": "steps", "wall_time_s_this_invocation": 60.0}))
+
+    result("", 0, 100, 0.80)
+    result("", 1, 100, 0.82)
+    result("long-", 0, 200, 0.90)
+    lines = report(tmp_path).splitlines()[2:]
+    assert len(lines) == 2
+    assert "| ck-12345678 | selftrain | typiclust | 50 | 81.00% ± 1.41% | 2 | 100 | 100 |" \
+        in lines[0]
+    assert "| long-ck-12345678 | selftrain | typiclust | 50 | 90.00% ± 0.00% | 1 | 50 | 200 |" \
+        in lines[1]

@@ -1,6 +1,7 @@
 """``fewlabels report``: the fine-tuning results in ``results/finetune-*.json`` as one markdown
-table, a row per (checkpoint, algorithm, strategy, N): test accuracy mean ± std over the seeds
-found, the queries the label database counted, steps, wall time."""
+table, a row per configuration — (run tag + checkpoint, algorithm, strategy, N, configured steps):
+test accuracy mean ± std over the seeds found, the queries the label database counted, steps,
+wall time. Runs of different configurations are never averaged together."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ def rows(results_dir: str | Path) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(Path(results_dir).glob("finetune-*.json")):
         r = json.loads(path.read_text())
-        ckpt = f"{Path(r['checkpoint']).name}-{r['checkpoint_sha256'][:8]}"
-        groups[(ckpt, r["algorithm"], r["strategy"], r["n"])].append(r)
+        tagged_ckpt = r["oracle_run_id"].split("/")[1]  # <run_tag><checkpoint>-<sha256[:8]>
+        groups[(tagged_ckpt, r["algorithm"], r["strategy"], r["n"],
+                r["steps_configured"])].append(r)
     out = []
-    for (ckpt, algorithm, strategy, n), runs in sorted(groups.items(),
-                                                       key=lambda kv: (kv[0][0], kv[0][3],
-                                                                       kv[0][1], kv[0][2])):
+    for (ckpt, algorithm, strategy, n, _), runs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2], kv[0][4])):
         accs = np.array([r["test_accuracy"] for r in runs])
         out.append({"checkpoint": ckpt, "algorithm": algorithm, "strategy": strategy, "n": n,
                     "seeds": sorted(r["seed"] for r in runs), "mean": float(accs.mean()),
