@@ -93,7 +93,8 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
                      Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{name}-seed{seed}")
 
 
-def validate_active(cfg: DictConfig, pool_size: int | None = None) -> list[int]:
+def validate_active(cfg: DictConfig) -> list[int]:
+    """Every argument checked before any work is done or any row written; the budgets."""
     validate(cfg, counts=())
     if not 0 < float(cfg.round_fraction) <= 1:
         raise ValueError(f"round_fraction={cfg.round_fraction!r}: the share of trainer.steps a "
@@ -104,8 +105,6 @@ def validate_active(cfg: DictConfig, pool_size: int | None = None) -> list[int]:
     if not budgets or any(b >= c for b, c in zip(budgets, budgets[1:], strict=False)):
         raise ValueError(f"budgets={budgets}: give a non-empty, strictly increasing list of "
                          "label counts, e.g. budgets=[20,40,100]")
-    if pool_size is not None and budgets[-1] > pool_size:
-        raise ValueError(f"budgets={budgets}: the pool has {pool_size} images")
     if cfg.select not in ACQUISITIONS:
         raise ValueError(f"select={cfg.select!r}: use one of {', '.join(ACQUISITIONS)}")
     if not 0 < float(cfg.target) <= 1:
@@ -281,10 +280,11 @@ def _log_curve(cfg: DictConfig, name: str, group: str, rows: list[dict[str, Any]
 
 
 def active(cfg: DictConfig) -> dict[str, Any]:
-    validate_active(cfg)
+    budgets = validate_active(cfg)
     ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
     pool = load_train_images().images[: cfg.pool_limit]
-    budgets = validate_active(cfg, len(pool))
+    if budgets[-1] > len(pool):
+        raise ValueError(f"budgets={budgets}: the pool has {len(pool)} images")
     cfg.trainer.precision = resolve_precision(cfg.trainer)
     test = load_test_set()
     pretrained_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)

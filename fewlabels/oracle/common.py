@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,6 +26,15 @@ class RunStats:
     labels_revealed: int
     first_query: float | None
     last_query: float | None
+
+
+def labels_checksum(pairs: Iterable[tuple[int, int]]) -> str:
+    """MD5 of ``image_id:label`` lines in id order: the official file's fingerprint, compared
+    with a database's by ``fewlabels oracle init`` (PostgreSQL computes the same server-side)."""
+    digest = hashlib.md5()
+    for image_id, label in pairs:
+        digest.update(f"{image_id}:{int(label)}\n".encode())
+    return digest.hexdigest()
 
 
 def budget_exceeded(run_id: str, n_new: int, remaining: int, budget: int | None,

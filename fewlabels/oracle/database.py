@@ -14,7 +14,6 @@ told is on record. A run's cost is its number of distinct ids: asking again is f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import sys
@@ -32,6 +31,7 @@ from fewlabels.oracle.common import (
     LabelDatabaseError,
     RunStats,
     budget_exceeded,
+    labels_checksum,
     validate_ids,
 )
 
@@ -153,14 +153,6 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             raise
 
 
-def labels_checksum(conn: sqlite3.Connection) -> str:
-    """MD5 of the labels table as ``id:label`` lines in id order."""
-    digest = hashlib.md5()
-    for image_id, label in conn.execute("SELECT image_id, label FROM labels ORDER BY image_id"):
-        digest.update(f"{image_id}:{label}\n".encode())
-    return digest.hexdigest()
-
-
 def init_database(url: str | None = None) -> tuple[str, int, int]:
     """``fewlabels oracle init``: build the database if needed (idempotent) and check that its
     labels are the official training labels. Returns (where, labels, schema version)."""
@@ -171,10 +163,10 @@ def init_database(url: str | None = None) -> tuple[str, int, int]:
 
         return init_postgres(url, labels)
     path = _ensure_sqlite(url)
-    expected = hashlib.md5("".join(f"{i}:{int(y)}\n" for i, y in enumerate(labels)).encode())
     conn = _connect(path)
     try:
-        if labels_checksum(conn) != expected.hexdigest():
+        stored = conn.execute("SELECT image_id, label FROM labels ORDER BY image_id")
+        if labels_checksum(stored) != labels_checksum(enumerate(labels)):
             raise LabelDatabaseError(
                 f"label database {path} holds labels that differ from the official training "
                 "label file: it was altered or built from other data. Move it away and run "

@@ -18,7 +18,6 @@ there, asking again is free) or did not (nothing was revealed).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -27,10 +26,10 @@ import numpy as np
 
 from fewlabels.oracle.common import (
     SCHEMA_VERSION,
-    BudgetExceeded,
     LabelDatabaseError,
     RunStats,
     budget_exceeded,
+    labels_checksum,
 )
 
 WORKER_ROLE = "fewlabels_worker"
@@ -253,7 +252,6 @@ def init_postgres(url: str, labels: np.ndarray) -> tuple[str, int, int]:
     serialize on an advisory lock. Run it as the database's owner."""
     import psycopg
 
-    expected = hashlib.md5("".join(f"{i}:{int(y)}\n" for i, y in enumerate(labels)).encode())
     conn = _connect(url)
     try:
         with conn.transaction():
@@ -281,7 +279,7 @@ def init_postgres(url: str, labels: np.ndarray) -> tuple[str, int, int]:
         raise _explain(err, url) from err
     finally:
         conn.close()
-    if checksum != expected.hexdigest():
+    if checksum != labels_checksum(enumerate(labels)):
         raise LabelDatabaseError(
             f"label database {safe_url(url)} holds labels that differ from the official training "
             "label file: it was altered or built from other data. Load it into an empty "
@@ -289,4 +287,4 @@ def init_postgres(url: str, labels: np.ndarray) -> tuple[str, int, int]:
     return safe_url(url), count, version
 
 
-__all__ = ["BudgetExceeded", "PostgresStore", "WORKER_ROLE", "init_postgres", "safe_url"]
+__all__ = ["PostgresStore", "WORKER_ROLE", "init_postgres", "safe_url"]

@@ -176,6 +176,16 @@ def _log_probe_run(cfg: DictConfig, ckpt: Checkpoint, run_id: str,
     run.finish()
 
 
+def _summary_row(n: int, strategy: str, name: str, seed_rows: list[dict[str, Any]],
+                 run_id_key: str) -> dict[str, Any]:
+    """One curve row from the per-seed results of one learner at one N."""
+    accs = np.array([r["test_accuracy"] for r in seed_rows])
+    return {"n": n, "strategy": strategy, "probe": name, "seeds": len(seed_rows),
+            "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+            "accuracies": accs.tolist(), "queries": int(sum(r["n_queries"] for r in seed_rows)),
+            "run_ids": [r[run_id_key] for r in seed_rows]}
+
+
 def _finetuned_row(cfg: DictConfig, emb: Embedded, strategy: str, n: int) -> dict[str, Any]:
     """One N with ``cfg.learner``: the `fewlabels finetune` command's seeds, as a curve row."""
     from fewlabels.config import compose
@@ -189,11 +199,7 @@ def _finetuned_row(cfg: DictConfig, emb: Embedded, strategy: str, n: int) -> dic
     if cfg.pool_limit is not None:
         overrides.append(f"pool_limit={cfg.pool_limit}")
     results = finetune(compose("finetune", [*overrides, *cfg.learner_args]))
-    accs = np.array([r["test_accuracy"] for r in results])
-    return {"n": n, "strategy": strategy, "probe": cfg.learner, "seeds": len(results),
-            "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-            "accuracies": accs.tolist(), "queries": int(sum(r["n_queries"] for r in results)),
-            "run_ids": [r["oracle_run_id"] for r in results]}
+    return _summary_row(n, strategy, cfg.learner, results, "oracle_run_id")
 
 
 def evaluate_n(cfg: DictConfig, emb: Embedded, test_labels: np.ndarray, strategy: str, n: int,
@@ -203,15 +209,8 @@ def evaluate_n(cfg: DictConfig, emb: Embedded, test_labels: np.ndarray, strategy
         return [_finetuned_row(cfg, emb, strategy, n)]
     per_seed = [run_seed(cfg, emb, test_labels, strategy, n, cfg.first_seed + s, probes)
                 for s in range(cfg.seeds)]
-    summary = []
-    for i, name in enumerate(probes):
-        accs = np.array([rows[i]["test_accuracy"] for rows in per_seed])
-        summary.append({"n": n, "strategy": strategy, "probe": name, "seeds": cfg.seeds,
-                        "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if
-                        len(accs) > 1 else 0.0, "accuracies": accs.tolist(),
-                        "queries": int(sum(rows[i]["n_queries"] for rows in per_seed)),
-                        "run_ids": [rows[i]["run_id"] for rows in per_seed]})
-    return summary
+    return [_summary_row(n, strategy, name, [rows[i] for rows in per_seed], "run_id")
+            for i, name in enumerate(probes)]
 
 
 def _table(summary: list[dict[str, Any]]) -> str:
