@@ -178,3 +178,36 @@ def test_a_time_capped_round_is_not_taken_for_done(tiny_checkpoint, tmp_path):
     assert (folder / "round0" / "last.ckpt").is_file()
     assert not (folder / "round0" / "round.json").exists()
     assert not list((tmp_path / "results").glob("active-*.csv"))
+
+
+def test_warm_rounds_start_from_the_last_model_and_self_training_renews_its_teacher(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """The README's 90% comes from self-training in the rounds: a warm round must begin with the
+    last round's saved model, and its students must learn from a teacher taken from that model
+    (not the fresh head the teacher is built with)."""
+    import torch
+
+    from fewlabels.models.checkpoint import CLASSIFIER_FILE, load_classifier
+
+    cfg = active_config(tiny_checkpoint, tmp_path, "algorithm=selftrain", "trainer.steps=20")
+    real_fit = active_module.fit
+    seen = []
+
+    def watching_fit(round_cfg, learner, folder, *args, **kwargs):
+        start = {k: v.clone() for k, v in learner.model.state_dict().items()}
+        fresh_teacher = learner.teacher.head.weight.detach().clone()
+        result = real_fit(round_cfg, learner, folder, *args, **kwargs)
+        seen.append((start, fresh_teacher, learner.teacher.head.weight.detach().clone()))
+        return result
+
+    monkeypatch.setattr(active_module, "fit", watching_fit)
+    summary = active(cfg)
+    assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
+    folder = active_run(cfg, open_checkpoint(tiny_checkpoint), 0).folder
+    for k in (1, 2):
+        previous = load_classifier(folder / f"round{k - 1}" / CLASSIFIER_FILE).state_dict()
+        start, fresh_teacher, teacher = seen[k]
+        assert all(torch.equal(start[name], value) for name, value in previous.items())
+        assert not torch.equal(teacher, fresh_teacher)
+    assert [json.loads((folder / f"round{k}" / "round.json").read_text())["steps"]
+            for k in range(3)] == [20, 4, 4]
