@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fewlabels.active import badge, entropy, margin
 from fewlabels.active import run as active_module
 from fewlabels.active.run import active, active_run
 from fewlabels.config import compose
 from fewlabels.models import open_checkpoint
+from fewlabels.models.checkpoint import CLASSIFIER_FILE, load_classifier
 from fewlabels.oracle import stats
 from fewlabels.probe.select import select_probcover
 
@@ -185,10 +187,6 @@ def test_warm_rounds_start_from_the_last_model_and_self_training_renews_its_teac
     """The README's 90% comes from self-training in the rounds: a warm round must begin with the
     last round's saved model, and its students must learn from a teacher taken from that model
     (not the fresh head the teacher is built with)."""
-    import torch
-
-    from fewlabels.models.checkpoint import CLASSIFIER_FILE, load_classifier
-
     cfg = active_config(tiny_checkpoint, tmp_path, "algorithm=selftrain", "trainer.steps=20")
     real_fit = active_module.fit
     seen = []
