@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 import time
@@ -135,24 +136,32 @@ def test_the_schedules_end_when_the_time_cap_stops_the_run(method, tmp_path, mon
                                                            tiny_config):
     """A loose real-time smoke run: max_epochs=200 would take minutes; a 6-second cap stops it
     after a few per cent of its steps, and the learning rate and BYOL's momentum have moved
-    with the clock, far more than the steps alone would move them. How far depends on the
-    machine's load, so the exact curve is checked on the fake clock above."""
+    with the clock, further along their cosines than the steps alone would move them. How far
+    depends on the machine's load (the last value is logged some steps before the cap), so this
+    only checks that the clock, not the step count, set them; the exact curve is checked on the
+    fake clock above."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = tiny_config(tmp_path, f"method={method}", "trainer.max_epochs=200",
                       "trainer.max_time=00:00:00:06", "optimizer.warmup_epochs=0")
     ckpt = pretrain(cfg)
     provenance = json.loads((ckpt / "provenance.json").read_text())
-    steps_per_epoch = cfg.data.limit // cfg.data.batch_size
-    assert provenance["global_step"] < 0.5 * 200 * steps_per_epoch  # stopped by time
+    total_steps = 200 * (cfg.data.limit // cfg.data.batch_size)
+    by_steps = provenance["global_step"] / total_steps  # the furthest the steps alone could go
+    assert by_steps < 0.5  # stopped by time
+
+    def progress(factor: float) -> float:  # where on a cosine from 1 to 0 a factor lies, 0..1
+        return math.acos(min(1.0, max(-1.0, 2 * factor - 1))) / math.pi
+
     lrs = [row["lr-SGD"] for row in _history(tmp_path, ckpt) if "lr-SGD" in row]
     base_lr = cfg.optimizer.lr * cfg.data.batch_size / 256
     assert lrs[0] == pytest.approx(base_lr, rel=0.05)
-    assert len(lrs) >= 2 and lrs[-1] < 0.8 * base_lr  # by steps alone it would be > 0.99 base
+    assert len(lrs) >= 2 and progress(lrs[-1] / base_lr) > by_steps + 0.05
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     if method == "byol":  # from momentum_start 0.99 towards momentum_end 1.0
         momentum = [row["train/momentum"] for row in _history(tmp_path, ckpt)
                     if "train/momentum" in row]
-        assert momentum[0] == pytest.approx(0.99, abs=1e-3) and momentum[-1] > 0.992
+        assert momentum[0] == pytest.approx(0.99, abs=1e-3)
+        assert progress((1.0 - momentum[-1]) / 0.01) > by_steps + 0.05
 
 
 def test_bad_config_keys_say_what_is_wrong():
