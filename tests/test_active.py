@@ -163,11 +163,14 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("budgets=[20,10]", "strictly increasing"), ("budgets=[]", "non-empty"),
     ("select=nope", "select='nope'"), ("strategy=nope", "strategy='nope'"),
     ("budgets=[10,5000]", "the pool has 2048 images"), ("round_fraction=0", "round_fraction"),
-    ("target=2", "target=2"),
+    ("target=2", "target=2"), ("last_round_fraction=1.5", "last_round_fraction"),
+    ("warm_start=false last_round_fraction=1.0", "warm-started last round"),
+    ("branch_from=../x", "branch_from"),
+    ("branch_from=no-such-run", "holds no finished round of seed 0"),
 ])
 def test_bad_arguments_fail_before_any_query(tiny_checkpoint, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        active(active_config(tiny_checkpoint, tmp_path, override))
+        active(active_config(tiny_checkpoint, tmp_path, *override.split()))
     assert not (tmp_path / "ckpt").exists()
     assert not (tmp_path / "labels.sqlite").exists() or stats() == []
 
@@ -209,3 +212,50 @@ def test_warm_rounds_start_from_the_last_model_and_self_training_renews_its_teac
         assert not torch.equal(teacher, fresh_teacher)
     assert [json.loads((folder / f"round{k}" / "round.json").read_text())["steps"]
             for k in range(3)] == [20, 4, 4]
+
+
+def test_a_branch_copies_the_rounds_trained_alike_requeries_them_and_trains_the_rest(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """A longer last round branched from a finished run: rounds 0 and 1 are the source's (same
+    ids, same model, same test predictions) yet bought again under the branch's own oracle run;
+    only the last round trains, for last_round_fraction of the steps."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    source_cfg = active_config(tiny_checkpoint, tmp_path)
+    active(source_cfg)
+    ckpt = open_checkpoint(tiny_checkpoint)
+    source = active_run(source_cfg, ckpt, 0)
+    real_fit = active_module.fit
+    trained = []
+
+    def counting_fit(round_cfg, *args, **kwargs):
+        trained.append(int(round_cfg.trainer.steps))
+        return real_fit(round_cfg, *args, **kwargs)
+
+    monkeypatch.setattr(active_module, "fit", counting_fit)
+    cfg = active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
+                        f"branch_from={source.name}")
+    summary = active(cfg)
+    branch = active_run(cfg, ckpt, 0)
+    assert branch.name == source.name + "-last5" and trained == [5]
+    assert {s.run_id: s.labels_revealed for s in stats()} == {source.oracle_run_id: 30,
+                                                              branch.oracle_run_id: 30}
+    for k in range(3):
+        was, now = (json.loads((run.folder / f"round{k}" / "round.json").read_text())
+                    for run in (source, branch))
+        assert now["n_queries"] == was["n_queries"] == 10 * (k + 1)
+        same_model = (run.folder / f"round{k}" / CLASSIFIER_FILE for run in (source, branch))
+        if k < 2:
+            assert now["ids"] == was["ids"] and now["copied_from"] == str(source.folder /
+                                                                           f"round{k}")
+            assert now["test_accuracy"] == was["test_accuracy"]
+            assert len({p.read_bytes() for p in same_model}) == 1
+        else:  # round 2 buys the same ids (round 1's model is the same) and trains longer
+            assert now["ids"] == was["ids"] and "copied_from" not in now
+            assert (was["steps"], now["steps"]) == (2, 5)
+    assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
+
+    # A source trained otherwise is refused before anything is bought.
+    with pytest.raises(ValueError, match="differs in .*ema_decay"):
+        active(active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
+                             "ema_decay=0.5", f"branch_from={source.name}", "run_tag=other-"))
+    assert len(stats()) == 2

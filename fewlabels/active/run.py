@@ -11,10 +11,14 @@ nothing.
 Folders: ``checkpoints/finetuned/active-<run>-seed<S>/round<k>/`` with ``selection.json`` (saved
 before the query, so a rerun asks for the same ids), ``last.ckpt``, ``model.safetensors``,
 ``test_predictions.npy`` and ``round.json`` (written last: a round with it is done). A killed run
-resumes in the round it was in; a finished one is read back. Outputs: ``results/active-<run>.csv``
-/ ``.png`` / ``.json`` (one row per round: the queries the database counted, test accuracy mean ±
-std over seeds) and W&B (a run per round with its confusion matrix and the images just bought; a
-curve run with the table and a line plot).
+resumes in the round it was in; a finished one is read back. ``last_round_fraction`` trains the
+last round longer (the run is then named ``…-b<budgets>-last<steps>``), and ``branch_from=<run>``
+copies the leading rounds of another run that this one would train alike (same checkpoint,
+settings, budgets so far and steps): their ids are queried again under this run's id, so the
+database counts them here too, and their models and test predictions are copied, not retrained.
+Outputs: ``results/active-<run>.csv`` / ``.png`` / ``.json`` (one row per round: the queries the
+database counted, test accuracy mean ± std over seeds) and W&B (a run per round with its confusion
+matrix and the images just bought; a curve run with the table and a line plot).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fewlabels.active import ACQUISITIONS
 from fewlabels.config import to_yaml
@@ -50,7 +55,9 @@ from fewlabels.models.checkpoint import (
     newest_checkpoint,
     open_checkpoint,
     save_weights,
+    weights_metadata,
 )
+from fewlabels.names import safe_name
 from fewlabels.oracle import Oracle
 from fewlabels.probe.features import features
 from fewlabels.probe.select import select
@@ -63,13 +70,15 @@ from fewlabels.semisup.run import (
     check_whole,
     fit,
     test_and_queried_media,
+    training_differences,
     validate,
     wandb_logger,
 )
 from fewlabels.tracking import init_run
 
 ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
-ACTIVE_KEYS = (*TRAINING_KEYS, "budgets", "select", "warm_start", "round_fraction")
+ROUND_KEYS = (*TRAINING_KEYS, "select", "warm_start", "round_fraction")
+ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction")
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,21 @@ class ActiveRun:
     folder: Path
 
 
+def round_steps(cfg: DictConfig, k: int) -> int:
+    """Round k's configured steps: all of trainer.steps from the pretrained backbone, a share of
+    them (``round_fraction``, the last round ``last_round_fraction`` when set) warm-started."""
+    if not (cfg.warm_start and k > 0):
+        return int(cfg.trainer.steps)
+    last = k == len(cfg.budgets) - 1 and cfg.last_round_fraction is not None
+    fraction = float(cfg.last_round_fraction if last else cfg.round_fraction)
+    return max(1, round(fraction * cfg.trainer.steps))
+
+
 def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
     base = f"{cfg.run_tag}{ckpt.name}-{ckpt.sha256[:8]}"
     budgets = "-".join(str(b) for b in cfg.budgets)
+    if cfg.last_round_fraction is not None:
+        budgets += f"-last{round_steps(cfg, len(cfg.budgets) - 1)}"
     scheme = f"{cfg.algorithm.name}-{cfg.strategy}-{cfg.select}"
     name = f"active-{base}-{scheme}-b{budgets}"
     return ActiveRun(name, f"{name}-seed{seed}",
@@ -96,10 +117,16 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
 def validate_active(cfg: DictConfig) -> list[int]:
     """Every argument checked before any work is done or any row written; the budgets."""
     validate(cfg, counts=())
-    if not 0 < float(cfg.round_fraction) <= 1:
-        raise ValueError(f"round_fraction={cfg.round_fraction!r}: the share of trainer.steps a "
-                         "warm-started round trains, in (0, 1]")
+    for key in ("round_fraction", "last_round_fraction"):
+        if cfg[key] is not None and not 0 < float(cfg[key]) <= 1:
+            raise ValueError(f"{key}={cfg[key]!r}: the share of trainer.steps a warm-started "
+                             "round trains, in (0, 1]")
     budgets = list(cfg.budgets)
+    if cfg.last_round_fraction is not None and not (cfg.warm_start and len(budgets) > 1):
+        raise ValueError("last_round_fraction applies to a warm-started last round: give two or "
+                         "more budgets and warm_start=true, or leave it unset")
+    if cfg.branch_from is not None:
+        safe_name(cfg.branch_from, "branch_from")
     for b in budgets:
         check_whole(b, "budgets entry", 1)
     if not budgets or any(b >= c for b, c in zip(budgets, budgets[1:], strict=False)):
@@ -110,6 +137,66 @@ def validate_active(cfg: DictConfig) -> list[int]:
     if not 0 < float(cfg.target) <= 1:
         raise ValueError(f"target={cfg.target!r}: a test accuracy in (0, 1], e.g. 0.9")
     return budgets
+
+
+def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
+    """The leading round folders of ``branch_from``'s seed that this run would train alike (none
+    without ``branch_from``); a clear error when that run does not exist or trained otherwise."""
+    if cfg.branch_from is None:
+        return []
+    source = Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{cfg.branch_from}-seed{seed}"
+    hint = ("give the name of an active run of this checkpoint that 'make active' printed "
+            "(results/<name>.csv) and that ran this seed")
+    if not (source / CONFIG_FILE).is_file() or not (source / "round0" / ROUND_FILE).is_file():
+        raise ValueError(f"branch_from={cfg.branch_from!r}: {source} holds no finished round of "
+                         f"seed {seed}; {hint}")
+    saved = OmegaConf.load(source / CONFIG_FILE)
+    differ = training_differences(cfg, saved, ROUND_KEYS)
+    round0 = weights_metadata(source / "round0" / CLASSIFIER_FILE)
+    if round0.get("pretrained_sha256") != ckpt.sha256:
+        differ.insert(0, "checkpoint")
+    if differ:
+        raise ValueError(f"branch_from={cfg.branch_from!r}: {source} was trained otherwise "
+                         f"(differs in {', '.join(differ)}), so none of its rounds is this run's")
+    rounds = []
+    for k in range(len(cfg.budgets)):
+        folder = source / f"round{k}"
+        if (list(saved.budgets[:k + 1]) != list(cfg.budgets[:k + 1])
+                or not (folder / ROUND_FILE).is_file()
+                or json.loads((folder / ROUND_FILE).read_text())["steps_configured"]
+                != round_steps(cfg, k)):
+            break
+        rounds.append(folder)
+    return rounds
+
+
+def _copy_round(cfg: DictConfig, run: ActiveRun, k: int, source: Path, labeled: np.ndarray,
+                ) -> dict[str, Any]:
+    """Round k taken from another run's identical round: its ids bought under this run's id (the
+    database counts them here), its model and test predictions copied, nothing trained."""
+    folder = run.folder / f"round{k}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = json.loads((source / ROUND_FILE).read_text())
+    new = np.array(json.loads((source / SELECTION_FILE).read_text())["new_ids"], dtype=np.int64)
+    ids = np.concatenate([labeled, new]).astype(np.int64)
+    if ids.tolist() != result["ids"]:
+        raise ValueError(f"{source} does not continue this run's earlier rounds; move "
+                         f"{run.folder} away and run again")
+    write_json_atomic(folder / SELECTION_FILE, {"round": k, "budget": cfg.budgets[k],
+                                                "how": result["how"],
+                                                "new_ids": new.tolist(),
+                                                "copied_from": str(source)})
+    with Oracle(run.oracle_run_id, budget=cfg.budgets[-1], purpose="active") as oracle:
+        oracle.query(ids, purpose=f"round{k}")
+        n_queries = oracle.used
+    for name in (CLASSIFIER_FILE, PREDICTIONS_FILE):
+        with atomic_path(folder / name) as tmp:
+            shutil.copyfile(source / name, tmp)
+    result.update(n_queries=n_queries, oracle_run_id=run.oracle_run_id,
+                  copied_from=str(source), wall_time_s_this_invocation=0.0,
+                  wall_time_s_source=result["wall_time_s_this_invocation"])
+    write_json_atomic(folder / ROUND_FILE, result)
+    return result
 
 
 @torch.no_grad()
@@ -162,8 +249,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
 
     warm = bool(cfg.warm_start) and k > 0
     round_cfg = copy.deepcopy(cfg)
-    round_cfg.trainer.steps = (max(1, round(cfg.round_fraction * cfg.trainer.steps)) if warm
-                               else int(cfg.trainer.steps))
+    round_cfg.trainer.steps = round_steps(cfg, k)
     pl.seed_everything(seed * 1000 + k, workers=True)
     learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool,
                             seed * 1000 + k)
@@ -202,8 +288,9 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
 
 def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_feats: np.ndarray,
              test_images: np.ndarray, test_labels: np.ndarray, seed: int,
-             ) -> list[dict[str, Any]] | None:
-    """The seed's rounds; None when trainer.max_time stopped one (run the command again)."""
+             sources: list[Path]) -> list[dict[str, Any]] | None:
+    """The seed's rounds (the first ``len(sources)`` copied from those round folders unless this
+    run has them already); None when trainer.max_time stopped one (run the command again)."""
     run = active_run(cfg, ckpt, seed)
     check_same_training(cfg, run.folder, ACTIVE_KEYS)
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -211,11 +298,15 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
     labeled = np.zeros(0, dtype=np.int64)
     rounds = []
     for k, budget in enumerate(cfg.budgets):
-        result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats, test_images,
-                        test_labels, seed)
+        if k < len(sources) and not (run.folder / f"round{k}" / ROUND_FILE).is_file():
+            result = _copy_round(cfg, run, k, sources[k], labeled)
+        else:
+            result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats,
+                            test_images, test_labels, seed)
+        copied = f", copied from {result['copied_from']}" if "copied_from" in result else ""
         print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
               f"{result['test_accuracy']:.2%} ({result['how']}, {result['steps']} steps, "
-              f"{result['wall_time_s_this_invocation'] / 60:.1f} min)", flush=True)
+              f"{result['wall_time_s_this_invocation'] / 60:.1f} min{copied})", flush=True)
         if result["ended_by"] != "steps":
             return None
         labeled = np.array(result["ids"], dtype=np.int64)
@@ -282,15 +373,16 @@ def _log_curve(cfg: DictConfig, name: str, group: str, rows: list[dict[str, Any]
 def active(cfg: DictConfig) -> dict[str, Any]:
     budgets = validate_active(cfg)
     ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
+    cfg.trainer.precision = resolve_precision(cfg.trainer)
+    seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
+    sources = {seed: branch_rounds(cfg, ckpt, seed) for seed in seeds}
     pool = load_train_images().images[: cfg.pool_limit]
     if budgets[-1] > len(pool):
         raise ValueError(f"budgets={budgets}: the pool has {len(pool)} images")
-    cfg.trainer.precision = resolve_precision(cfg.trainer)
     test = load_test_set()
     pretrained_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)
-    seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
-    finished = [run_seed(cfg, ckpt, pool, pretrained_feats, test.images, test.labels, seed)
-                for seed in seeds]
+    finished = [run_seed(cfg, ckpt, pool, pretrained_feats, test.images, test.labels, seed,
+                         sources[seed]) for seed in seeds]
     per_seed = [rounds for rounds in finished if rounds is not None]
     if len(per_seed) < len(finished):
         print("WARNING: trainer.max_time stopped a round before its steps; no curve is written. "

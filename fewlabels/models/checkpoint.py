@@ -78,6 +78,11 @@ def _metadata(path: Path) -> dict[str, str]:
                               "last.ckpt and writes it again.") from err
 
 
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata a weights file was saved with (``kind``, ``backbone``…)."""
+    return _metadata(Path(path))
+
+
 def kind_of(path: str | Path) -> str:
     """``backbone`` or ``classifier``; files from before the field existed are backbones."""
     return _metadata(Path(path)).get("kind", KIND_BACKBONE)

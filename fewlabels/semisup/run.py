@@ -146,6 +146,13 @@ def _training_config(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
             **{f"trainer.{k}": resolved["trainer"][k] for k in TRAINER_KEYS}}
 
 
+def training_differences(cfg: DictConfig, saved: DictConfig,
+                         keys: tuple[str, ...] = TRAINING_KEYS) -> list[str]:
+    """The training settings (``keys`` and the trainer's) where ``saved`` differs from ``cfg``."""
+    before, now = _training_config(saved, keys), _training_config(cfg, keys)
+    return sorted(k for k in now if before.get(k) != now[k])
+
+
 def check_same_training(cfg: DictConfig, folder: Path,
                         keys: tuple[str, ...] = TRAINING_KEYS) -> None:
     """A run folder is only continued or read back under the configuration that made it."""
@@ -153,12 +160,12 @@ def check_same_training(cfg: DictConfig, folder: Path,
     if not saved_file.is_file():
         return
     try:
-        saved = _training_config(OmegaConf.load(saved_file), keys)
+        saved = OmegaConf.load(saved_file)
+        _training_config(saved, keys)
     except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
         raise ValueError(f"{saved_file} cannot be read ({err}): move {folder} away to train "
                          "that seed again") from err
-    now = _training_config(cfg, keys)
-    differ = sorted(k for k in now if saved.get(k) != now[k])
+    differ = training_differences(cfg, saved, keys)
     if differ:
         raise ValueError(f"{folder} was trained with another configuration (differs in "
                          f"{', '.join(differ)}): pass run_tag=<new name> to train this one "
