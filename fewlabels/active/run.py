@@ -117,10 +117,14 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
 def validate_active(cfg: DictConfig) -> list[int]:
     """Every argument checked before any work is done or any row written; the budgets."""
     validate(cfg, counts=())
-    for key in ("round_fraction", "last_round_fraction"):
-        if cfg[key] is not None and not 0 < float(cfg[key]) <= 1:
-            raise ValueError(f"{key}={cfg[key]!r}: the share of trainer.steps a warm-started "
-                             "round trains, in (0, 1]")
+    for key, most in (("round_fraction", 1.0), ("last_round_fraction", float("inf"))):
+        value = cfg[key]
+        if key == "last_round_fraction" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
+            raise ValueError(f"{key}={value!r}: the share of trainer.steps a warm-started round "
+                             "trains, a number " + ("in (0, 1]" if most == 1 else
+                                                    "above 0 (2.0: twice the steps)"))
     budgets = list(cfg.budgets)
     if cfg.last_round_fraction is not None and not (cfg.warm_start and len(budgets) > 1):
         raise ValueError("last_round_fraction applies to a warm-started last round: give two or "
