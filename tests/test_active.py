@@ -259,4 +259,8 @@ def test_a_branch_copies_the_rounds_trained_alike_requeries_them_and_trains_the_
     with pytest.raises(ValueError, match="differs in .*ema_decay"):
         active(active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
                              "ema_decay=0.5", f"branch_from={source.name}", "run_tag=other-"))
+    (source.folder / "config.yaml").write_text("budgets: [10, 20\n")  # damaged: a clear error
+    with pytest.raises(ValueError, match="config.yaml cannot be read"):
+        active(active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
+                             f"branch_from={source.name}", "run_tag=third-"))
     assert len(stats()) == 2

@@ -154,8 +154,13 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     if not (source / CONFIG_FILE).is_file() or not (source / "round0" / ROUND_FILE).is_file():
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source} holds no finished round of "
                          f"seed {seed}; {hint}")
-    saved = OmegaConf.load(source / CONFIG_FILE)
-    differ = training_differences(cfg, saved, ROUND_KEYS)
+    try:
+        saved = OmegaConf.load(source / CONFIG_FILE)
+        differ = training_differences(cfg, saved, ROUND_KEYS)
+        list(saved.budgets)
+    except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
+        raise ValueError(f"branch_from={cfg.branch_from!r}: {source / CONFIG_FILE} cannot be "
+                         f"read ({err}); {hint}") from err
     round0 = weights_metadata(source / "round0" / CLASSIFIER_FILE)
     if round0.get("pretrained_sha256") != ckpt.sha256:
         differ.insert(0, "checkpoint")
