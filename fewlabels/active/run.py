@@ -157,7 +157,7 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     try:
         saved = OmegaConf.load(source / CONFIG_FILE)
         differ = training_differences(cfg, saved, ROUND_KEYS)
-        list(saved.budgets)
+        saved_budgets = list(saved.budgets)
     except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source / CONFIG_FILE} cannot be "
                          f"read ({err}); {hint}") from err
@@ -170,7 +170,7 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     rounds = []
     for k in range(len(cfg.budgets)):
         folder = source / f"round{k}"
-        if (list(saved.budgets[:k + 1]) != list(cfg.budgets[:k + 1])
+        if (saved_budgets[:k + 1] != list(cfg.budgets[:k + 1])
                 or not (folder / ROUND_FILE).is_file()
                 or json.loads((folder / ROUND_FILE).read_text())["steps_configured"]
                 != round_steps(cfg, k)):
@@ -247,8 +247,6 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
            test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> dict[str, Any]:
     folder = run.folder / f"round{k}"
     done = folder / ROUND_FILE
-    if done.is_file():
-        return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     new = _new_ids(cfg, run, k, budget, labeled, pool, pretrained_feats, seed)
     ids = np.concatenate([labeled, new]).astype(np.int64)
@@ -307,7 +305,10 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
     labeled = np.zeros(0, dtype=np.int64)
     rounds = []
     for k, budget in enumerate(cfg.budgets):
-        if k < len(sources) and not (run.folder / f"round{k}" / ROUND_FILE).is_file():
+        done = run.folder / f"round{k}" / ROUND_FILE
+        if done.is_file():  # finished before: read back, whether trained or copied
+            result = json.loads(done.read_text())
+        elif k < len(sources):
             result = _copy_round(cfg, run, k, sources[k], labeled)
         else:
             result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats,
