@@ -106,10 +106,18 @@ def test_active_rounds_stay_in_budget_record_rounds_and_write_the_curve(tiny_che
         assert any(k.startswith(logged) for k in curve_keys), logged
 
     # Again: every round is read back; nothing is trained or revealed.
+    real_fit = active_module.fit
     monkeypatch.setattr(active_module, "fit", lambda *a, **k: pytest.fail("trained again"))
     again = active(cfg)
     assert again["rows"] == summary["rows"]
     assert len(purposes(tmp_path)) == 30
+
+    # Another seed set writes its own curve and leaves this one as it was.
+    before = out.with_suffix(".csv").read_text()
+    monkeypatch.setattr(active_module, "fit", real_fit)
+    active(active_config(tiny_checkpoint, tmp_path, "first_seed=1"))
+    assert (tmp_path / "results" / f"{run.name}-seeds1-1.csv").exists()
+    assert out.with_suffix(".csv").read_text() == before
 
 
 def test_a_killed_loop_resumes_in_its_round_and_adds_no_queries(tiny_checkpoint, tmp_path,

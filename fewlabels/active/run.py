@@ -114,6 +114,12 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
                      Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{name}-seed{seed}")
 
 
+def curve_name(name: str, seeds: list[int]) -> str:
+    """The results file stem of a run's seeds: the run's name for seeds 0, 1, …; another seed set
+    (``first_seed`` > 0) gets its own files rather than overwriting those."""
+    return name if seeds[0] == 0 else f"{name}-seeds{seeds[0]}-{seeds[-1]}"
+
+
 def validate_active(cfg: DictConfig) -> list[int]:
     """Every argument checked before any work is done or any row written; the budgets."""
     validate(cfg, counts=())
@@ -399,7 +405,7 @@ def active(cfg: DictConfig) -> dict[str, Any]:
               "Run the same command again to continue from there.", flush=True)
         return {}
     rows = curve_rows(per_seed, budgets)
-    name = active_run(cfg, ckpt, seeds[0]).name
+    name = curve_name(active_run(cfg, ckpt, seeds[0]).name, seeds)
     out = Path(cfg.results_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_curve(rows, out, name, float(cfg.target))
