@@ -33,7 +33,10 @@ from fewlabels.semisup.base import BatchSettings, OptimizerSettings, ema_decay_a
 from fewlabels.semisup.fixmatch import FixMatchSettings
 from fewlabels.semisup.run import PREDICTIONS_FILE, SELECTION_FILE, finetune, seed_run
 from fewlabels.semisup.selftrain import SelfTrainSettings
+from fewlabels.semisup.softmatch import SoftMatch, SoftMatchSettings
 from fewlabels.tracking import read_offline_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
 
 def finetune_config(ckpt: Path, tmp: Path, *overrides: str):
@@ -262,6 +265,62 @@ def test_flexmatch_thresholds_follow_the_curriculum():
     assert learner.selected_label[200:203].tolist() == [2, -1, 0]  # only confident ones count
     loss, logs = learner.train_step(*views(learner))
     assert torch.isfinite(loss) and "threshold/class_0" in logs
+
+
+def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
+    # momentum 0: the running estimates are this batch's, so the numbers can be checked by hand.
+    learner = tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 2.0, 0.0, True))
+    probs = torch.full((4, 10), 0.01)
+    probs[:3, 0] = 0.91
+    probs[3] = 0.1 / 8
+    probs[3, 0], probs[3, 6] = 0.5, 0.4  # class 6 second, and the batch hardly predicts it
+    aligned = learner.adjust_probs(probs)
+    assert torch.allclose(learner.class_distribution, probs.mean(0))
+    assert torch.allclose(aligned.sum(1), torch.ones(4))
+    assert aligned.argmax(1).tolist() == [0, 0, 0, 6]  # the rare class is no longer starved
+
+    confidence = torch.tensor([0.9, 0.8, 0.5, 0.2])
+    weight = learner.pseudo_label_mask(confidence, torch.zeros(4, dtype=torch.long))
+    assert learner.confidence_mean.item() == pytest.approx(0.6)
+    assert learner.confidence_var.item() == pytest.approx(confidence.var().item())
+    assert weight[:2].tolist() == [1.0, 1.0]  # at or above the mean confidence: full weight
+    assert 0 < weight[3] < weight[2] < 1  # below it: less, the further below
+    width_sq = confidence.var() / 2.0 ** 2
+    assert weight[3].item() == pytest.approx(torch.exp(-(0.4 ** 2) / (2 * width_sq)).item())
+
+    plain = tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 2.0, 0.999, False))
+    assert torch.equal(plain.adjust_probs(probs), probs)  # uniform alignment switched off
+    before = plain.confidence_mean.clone()
+    loss, logs = plain.train_step(*views(plain))
+    assert torch.isfinite(loss) and logs["train/loss_ulb"].item() > 0
+    assert 0 < logs["train/mask_rate"].item() <= 1  # the mean weight
+    assert "softmatch/confidence_mean" in logs and not torch.equal(plain.confidence_mean, before)
+    # The running estimates are state: a resumed run continues with them.
+    assert {"class_distribution", "confidence_mean", "confidence_var"} <= set(plain.state_dict())
+    with pytest.raises(ValueError, match="n_sigma"):
+        tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 0.0, 0.999, True))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "algorithm").glob("*.yaml")))
+def test_every_algorithm_config_builds_its_learner_and_steps(name, tmp_path):
+    from fewlabels.semisup import ALGORITHMS
+    from fewlabels.semisup.run import build_learner
+
+    cfg = compose("finetune", ["preset=tiny", f"algorithm={name}", "trainer.channels_last=false",
+                               f"checkpoint_dir={tmp_path}"])
+    images = load_train_images().images[:64]
+    learner = build_learner(cfg, NarrowResNet([8, 8, 16, 16], [1, 1, 1, 1]), images[:16],
+                            np.arange(16) % 10, images, seed=0)
+    assert type(learner) is ALGORITHMS[name][0]
+    step = learner.optim.total_steps - 1  # past any labels-only phase
+    idx_lb, y_lb, idx_ulb = learner._draw(step)
+    learner.ulb_idx = idx_ulb
+    unlabeled = None if idx_ulb is None else learner.pool_images[idx_ulb]
+    loss, _ = learner.train_step(
+        learner.weak(learner.labeled_images[idx_lb]), y_lb,
+        None if unlabeled is None else learner.weak(unlabeled),
+        None if unlabeled is None else learner.strong(unlabeled))
+    assert torch.isfinite(loss)
 
 
 NO_TRAIN_LABEL_FILE = """

@@ -15,6 +15,7 @@ from fewlabels.semisup.base import BatchSettings, Learner, OptimizerSettings
 from fewlabels.semisup.fixmatch import FixMatch, FixMatchSettings
 from fewlabels.semisup.flexmatch import FlexMatch
 from fewlabels.semisup.selftrain import SelfTrain, SelfTrainSettings
+from fewlabels.semisup.softmatch import SoftMatch, SoftMatchSettings
 from fewlabels.semisup.supervised import Supervised
 
 
@@ -27,6 +28,12 @@ def _fixmatch(cfg: Any) -> dict[str, Any]:
                                          str(cfg.pseudo_label_model))}
 
 
+def _softmatch(cfg: Any) -> dict[str, Any]:
+    return {"settings": SoftMatchSettings(float(cfg.lambda_u), str(cfg.pseudo_label_model),
+                                          float(cfg.n_sigma), float(cfg.momentum),
+                                          bool(cfg.uniform_alignment))}
+
+
 def _selftrain(cfg: Any) -> dict[str, Any]:
     return {"settings": SelfTrainSettings(float(cfg.teacher_fraction), int(cfg.generations),
                                           float(cfg.temperature), float(cfg.lambda_u))}
@@ -36,8 +43,9 @@ ALGORITHMS: dict[str, tuple[type[Learner], Callable[[Any], dict[str, Any]]]] = {
     "supervised": (Supervised, _no_settings),
     "fixmatch": (FixMatch, _fixmatch),
     "flexmatch": (FlexMatch, _fixmatch),
+    "softmatch": (SoftMatch, _softmatch),
     "selftrain": (SelfTrain, _selftrain),
 }
 
 __all__ = ["ALGORITHMS", "BatchSettings", "FixMatch", "FlexMatch", "Learner", "OptimizerSettings",
-           "SelfTrain", "Supervised"]
+           "SelfTrain", "SoftMatch", "Supervised"]

@@ -1,11 +1,12 @@
 """FixMatch (Sohn et al., 2020): a confident prediction on a weak view of an unlabeled image is
 the target for a strong view of the same image. Pseudo-labels come from the EMA model (a mean
-teacher) or from the online model."""
+teacher) or from the online model. Subclasses change which pseudo-labels count and how much
+(``pseudo_label_mask``) and may adjust the teacher's probabilities first (``adjust_probs``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +21,31 @@ class FixMatchSettings:
     pseudo_label_model: str  # ema | online
 
 
+class PseudoLabelSettings(Protocol):
+    """What FixMatch's step reads from its own settings and from those of its subclasses."""
+
+    @property
+    def lambda_u(self) -> float: ...
+
+    @property
+    def pseudo_label_model(self) -> str: ...
+
+
 class FixMatch(Learner):
-    def __init__(self, *args: Any, settings: FixMatchSettings, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, settings: PseudoLabelSettings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if settings.pseudo_label_model not in ("ema", "online"):
             raise ValueError(f"algorithm.pseudo_label_model={settings.pseudo_label_model!r}: "
                              "use 'ema' or 'online'")
         self.settings = settings
 
+    def adjust_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """The teacher's class probabilities as pseudo-labels are read from them: unchanged."""
+        return probs
+
     def pseudo_label_mask(self, confidence: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
-        """Which pseudo-labels count: FixMatch's one fixed threshold."""
+        """How much each pseudo-label counts (0 or 1 here: FixMatch's one fixed threshold)."""
+        assert isinstance(self.settings, FixMatchSettings)
         return confidence >= self.settings.threshold
 
     def train_step(self, x_lb: torch.Tensor, y_lb: torch.Tensor, x_ulb_weak: torch.Tensor | None,
@@ -45,7 +61,7 @@ class FixMatch(Learner):
             logits_lb = logits[:len(x_lb)]
             logits_weak, logits_strong = logits[len(x_lb):].float().chunk(2)
             probs = torch.softmax(logits_weak.detach(), dim=1)
-        confidence, pseudo = probs.max(dim=1)
+        confidence, pseudo = self.adjust_probs(probs).max(dim=1)
         mask = self.pseudo_label_mask(confidence, pseudo).float()
         loss_lb = self.supervised_loss(logits_lb, y_lb)
         loss_ulb = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()
