@@ -274,10 +274,12 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
     probs[:3, 0] = 0.91
     probs[3] = 0.1 / 8
     probs[3, 0], probs[3, 6] = 0.5, 0.4  # class 6 second, and the batch hardly predicts it
-    aligned = learner.adjust_probs(probs)
+    aligned = learner.probs_for_weights(probs)
     assert torch.allclose(learner.class_distribution, probs.mean(0))
     assert torch.allclose(aligned.sum(1), torch.ones(4))
-    assert aligned.argmax(1).tolist() == [0, 0, 0, 6]  # the rare class is no longer starved
+    assert aligned.argmax(1).tolist() == [0, 0, 0, 6]  # the rare class gains ground
+    assert aligned[0].max() < probs[0].max()  # the over-predicted class loses confidence
+    assert aligned.mean(0).max() < probs.mean(0).max()  # nearer a uniform class distribution
 
     confidence = torch.tensor([0.9, 0.8, 0.5, 0.2])
     weight = learner.pseudo_label_mask(confidence, torch.zeros(4, dtype=torch.long))
@@ -289,9 +291,22 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
     assert weight[3].item() == pytest.approx(torch.exp(-(0.4 ** 2) / (2 * width_sq)).item())
 
     plain = tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 2.0, 0.999, False))
-    assert torch.equal(plain.adjust_probs(probs), probs)  # uniform alignment switched off
+    assert torch.equal(plain.probs_for_weights(probs), probs)  # uniform alignment switched off
     before = plain.confidence_mean.clone()
-    loss, logs = plain.train_step(*views(plain))
+    # The pseudo-labels are the teacher's own argmax, aligned or not: with the same teacher and
+    # views, an aligning learner's pseudo-labels equal a plain one's.
+    aligning = tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 2.0, 0.0, True))
+    aligning.model.load_state_dict(plain.model.state_dict())
+    aligning.ema_model.load_state_dict(plain.ema_model.state_dict())
+    batch = views(plain)
+    shares = []
+    for learner_ in (plain, aligning):
+        torch.manual_seed(0)
+        shares.append(learner_.train_step(*batch)[1])
+    logs = shares[0]
+    for c in range(10):  # every weight is > 0, so the shares are those of all the pseudo-labels
+        assert shares[0][f"pseudo/class_{c}"] == pytest.approx(shares[1][f"pseudo/class_{c}"])
+    loss = plain.train_step(*batch)[0]
     assert torch.isfinite(loss) and logs["train/loss_ulb"].item() > 0
     assert 0 < logs["train/mask_rate"].item() <= 1  # the mean weight
     assert "softmatch/confidence_mean" in logs and not torch.equal(plain.confidence_mean, before)

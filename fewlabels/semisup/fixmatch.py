@@ -1,7 +1,8 @@
 """FixMatch (Sohn et al., 2020): a confident prediction on a weak view of an unlabeled image is
 the target for a strong view of the same image. Pseudo-labels come from the EMA model (a mean
-teacher) or from the online model. Subclasses change which pseudo-labels count and how much
-(``pseudo_label_mask``) and may adjust the teacher's probabilities first (``adjust_probs``)."""
+teacher) or from the online model. The pseudo-label is the teacher's most probable class;
+subclasses change which pseudo-labels count and how much (``pseudo_label_mask``), and may read the
+confidence that decides it from adjusted probabilities (``probs_for_weights``)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ class FixMatch(Learner):
                              "use 'ema' or 'online'")
         self.settings = settings
 
-    def adjust_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        """The teacher's class probabilities as pseudo-labels are read from them: unchanged."""
+    def probs_for_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """The probabilities whose maximum is the confidence that ``pseudo_label_mask`` sees:
+        the teacher's own here. They never change the pseudo-label itself."""
         return probs
 
     def pseudo_label_mask(self, confidence: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,8 @@ class FixMatch(Learner):
             logits_lb = logits[:len(x_lb)]
             logits_weak, logits_strong = logits[len(x_lb):].float().chunk(2)
             probs = torch.softmax(logits_weak.detach(), dim=1)
-        confidence, pseudo = self.adjust_probs(probs).max(dim=1)
+        pseudo = probs.argmax(dim=1)
+        confidence = self.probs_for_weights(probs).amax(dim=1)
         mask = self.pseudo_label_mask(confidence, pseudo).float()
         loss_lb = self.supervised_loss(logits_lb, y_lb)
         loss_ulb = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()

@@ -1,20 +1,22 @@
 """SoftMatch (Chen et al., 2023): FixMatch in which every pseudo-label counts, weighted by how
-its confidence compares with the running confidence of the pool, and whose teacher
-probabilities are first aligned to a uniform class distribution.
+its confidence compares with the running confidence of the pool; the confidence is read from
+the teacher's probabilities aligned to a uniform class distribution.
 
 Two mechanisms against the quantity-quality trade-off of a fixed threshold:
 
 - *Uniform alignment.* A running mean of the teacher's class probabilities on the unlabeled
   batches estimates which classes the model over- and under-predicts; each probability vector
-  is divided by it and renormalised, so a class the model rarely predicts (on Fashion-MNIST:
-  Shirt) is not starved of pseudo-labels. Fashion-MNIST's classes are balanced, and the queried
-  labels say so too; no hidden label is read.
+  is divided by it and renormalised. As in the paper, the aligned probabilities only set the
+  weights: the pseudo-label stays the teacher's own most probable class, but one of a class the
+  model rarely predicts (on Fashion-MNIST: Shirt) gains confidence and so weight. Fashion-MNIST's
+  classes are balanced; no hidden label is read.
 - *Truncated Gaussian weights.* A pseudo-label whose (aligned) confidence reaches the running
   mean confidence ``mu`` weighs 1; below it, ``exp(-(c - mu)^2 / (2 (sigma / n_sigma)^2))``,
   where ``sigma^2`` is the running variance of the confidences.
 
 The running estimates are buffers (a resumed run continues with them) updated from every step's
-weak views with momentum ``momentum``, before they are used.
+weak views with momentum ``momentum``, before they are used. ``train/mask_rate`` is the mean
+weight.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class SoftMatch(FixMatch):
         self.register_buffer("confidence_var", torch.tensor(1.0))
 
     @torch.no_grad()
-    def adjust_probs(self, probs: torch.Tensor) -> torch.Tensor:
+    def probs_for_weights(self, probs: torch.Tensor) -> torch.Tensor:
         if not self.soft.uniform_alignment:
             return probs
         self.class_distribution.lerp_(probs.mean(dim=0), 1 - self.soft.momentum)
