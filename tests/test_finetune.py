@@ -275,7 +275,7 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
     probs[3] = 0.1 / 8
     probs[3, 0], probs[3, 6] = 0.5, 0.4  # class 6 second, and the batch hardly predicts it
     aligned = learner.probs_for_weights(probs)
-    assert torch.allclose(learner.class_distribution, probs.mean(0))
+    assert torch.allclose(learner.class_distribution.value, probs.mean(0))
     assert torch.allclose(aligned.sum(1), torch.ones(4))
     assert aligned.argmax(1).tolist() == [0, 0, 0, 6]  # the rare class gains ground
     assert aligned[0].max() < probs[0].max()  # the over-predicted class loses confidence
@@ -283,8 +283,8 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
 
     confidence = torch.tensor([0.9, 0.8, 0.5, 0.2])
     weight = learner.pseudo_label_mask(confidence, torch.zeros(4, dtype=torch.long))
-    assert learner.confidence_mean.item() == pytest.approx(0.6)
-    assert learner.confidence_var.item() == pytest.approx(confidence.var().item())
+    assert learner.confidence_mean.value.item() == pytest.approx(0.6)
+    assert learner.confidence_var.value.item() == pytest.approx(confidence.var().item())
     assert weight[:2].tolist() == [1.0, 1.0]  # at or above the mean confidence: full weight
     assert 0 < weight[3] < weight[2] < 1  # below it: less, the further below
     width_sq = confidence.var() / 2.0 ** 2
@@ -292,7 +292,6 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
 
     plain = tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 2.0, 0.999, False))
     assert torch.equal(plain.probs_for_weights(probs), probs)  # uniform alignment switched off
-    before = plain.confidence_mean.clone()
     # The pseudo-labels are the teacher's own argmax, aligned or not: with the same teacher and
     # views, an aligning learner's pseudo-labels equal a plain one's.
     aligning = tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 2.0, 0.0, True))
@@ -309,9 +308,10 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
     loss = plain.train_step(*batch)[0]
     assert torch.isfinite(loss) and logs["train/loss_ulb"].item() > 0
     assert 0 < logs["train/mask_rate"].item() <= 1  # the mean weight
-    assert "softmatch/confidence_mean" in logs and not torch.equal(plain.confidence_mean, before)
+    assert 0 < logs["softmatch/confidence_mean"].item() <= 1
     # The running estimates are state: a resumed run continues with them.
-    assert {"class_distribution", "confidence_mean", "confidence_var"} <= set(plain.state_dict())
+    assert {"class_distribution.total", "confidence_mean.weight", "confidence_var.total"} <= \
+        set(plain.state_dict())
     with pytest.raises(ValueError, match="n_sigma"):
         tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 0.0, 0.999, True))
 
@@ -336,6 +336,16 @@ def test_every_algorithm_config_builds_its_learner_and_steps(name, tmp_path):
         None if unlabeled is None else learner.weak(unlabeled),
         None if unlabeled is None else learner.strong(unlabeled))
     assert torch.isfinite(loss)
+
+
+def test_running_mean_is_bias_corrected():
+    from fewlabels.semisup.softmatch import RunningMean
+
+    running = RunningMean((), momentum=0.999)
+    assert running.update(torch.tensor(5.0)).item() == pytest.approx(5.0)  # no pull toward 0
+    # Two values: the older weighs `momentum` against the newer's 1.
+    assert running.update(torch.tensor(7.0)).item() == pytest.approx((0.999 * 5 + 7) / 1.999)
+    assert RunningMean((3,), momentum=0.0).update(torch.tensor([1.0, 2, 3])).tolist() == [1, 2, 3]
 
 
 NO_TRAIN_LABEL_FILE = """

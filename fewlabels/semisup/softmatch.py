@@ -14,9 +14,14 @@ Two mechanisms against the quantity-quality trade-off of a fixed threshold:
   mean confidence ``mu`` weighs 1; below it, ``exp(-(c - mu)^2 / (2 (sigma / n_sigma)^2))``,
   where ``sigma^2`` is the running variance of the confidences.
 
-The running estimates are buffers (a resumed run continues with them) updated from every step's
-weak views with momentum ``momentum``, before they are used. ``train/mask_rate`` is the mean
-weight.
+The running estimates are updated from every step's weak views with momentum ``momentum``, before
+they are used, and are bias-corrected as Adam's moments are: each is the momentum-weighted mean of
+the batches seen so far, with no weight left on a starting value. The paper starts them at a
+mean confidence of 1/C and a variance of 1 and runs 2^20 steps, after which that start is long
+forgotten; in a 3,000-step run with momentum 0.999 it would still weigh 0.999^1500 = 22% at
+half-way, and the variance's start of 1 would give nearly every pseudo-label a weight of about 1
+(the README gives the run that showed it). They are buffers, so a resumed run continues with
+them. ``train/mask_rate`` is the mean weight.
 """
 
 from __future__ import annotations
@@ -25,8 +30,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from fewlabels.semisup.fixmatch import FixMatch
+
+
+class RunningMean(nn.Module):
+    """An exponential moving average with Adam's bias correction: after any number of updates,
+    the momentum-weighted mean of the values seen (with momentum 0, the last value)."""
+
+    def __init__(self, shape: tuple[int, ...], momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("total", torch.zeros(shape))
+        self.register_buffer("weight", torch.tensor(0.0))  # 1 - momentum ** updates
+
+    @torch.no_grad()
+    def update(self, value: torch.Tensor) -> torch.Tensor:
+        self.total.lerp_(value.to(self.total.dtype), 1 - self.momentum)
+        self.weight.lerp_(torch.ones_like(self.weight), 1 - self.momentum)
+        return self.value
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.total / self.weight.clamp_min(torch.finfo(self.total.dtype).tiny)
 
 
 @dataclass(frozen=True)
@@ -46,31 +73,29 @@ class SoftMatch(FixMatch):
                              f"algorithm.momentum={settings.momentum} in [0, 1)")
         self.soft = settings
         n_classes = self.model.head.out_features
-        self.register_buffer("class_distribution", torch.full((n_classes,), 1.0 / n_classes))
-        self.register_buffer("confidence_mean", torch.tensor(1.0 / n_classes))
-        self.register_buffer("confidence_var", torch.tensor(1.0))
+        self.class_distribution = RunningMean((n_classes,), settings.momentum)
+        self.confidence_mean = RunningMean((), settings.momentum)
+        self.confidence_var = RunningMean((), settings.momentum)
 
     @torch.no_grad()
     def probs_for_weights(self, probs: torch.Tensor) -> torch.Tensor:
         if not self.soft.uniform_alignment:
             return probs
-        self.class_distribution.lerp_(probs.mean(dim=0), 1 - self.soft.momentum)
-        aligned = probs / self.class_distribution
+        aligned = probs / self.class_distribution.update(probs.mean(dim=0))
         return aligned / aligned.sum(dim=1, keepdim=True)
 
     @torch.no_grad()
     def pseudo_label_mask(self, confidence: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
-        weight = 1 - self.soft.momentum
-        self.confidence_mean.lerp_(confidence.mean(), weight)
-        if len(confidence) > 1:
-            self.confidence_var.lerp_(confidence.var(), weight)
-        width_sq = self.confidence_var.clamp_min(1e-12) / self.soft.n_sigma ** 2
-        below = (confidence - self.confidence_mean).clamp(max=0)
+        mean = self.confidence_mean.update(confidence.mean())
+        var = self.confidence_var.update(confidence.var()) if len(confidence) > 1 \
+            else self.confidence_var.value
+        width_sq = var.clamp_min(1e-12) / self.soft.n_sigma ** 2
+        below = (confidence - mean).clamp(max=0)
         return torch.exp(-below.square() / (2 * width_sq))
 
     def train_step(self, *args: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, logs = super().train_step(*args)
-        return loss, {**logs, "softmatch/confidence_mean": self.confidence_mean.clone(),
-                      "softmatch/confidence_std": self.confidence_var.sqrt(),
+        return loss, {**logs, "softmatch/confidence_mean": self.confidence_mean.value,
+                      "softmatch/confidence_std": self.confidence_var.value.sqrt(),
                       **{f"softmatch/class_distribution_{c}": p
-                         for c, p in enumerate(self.class_distribution)}}
+                         for c, p in enumerate(self.class_distribution.value)}}
