@@ -25,7 +25,7 @@ LEARNER  ?=
 LEARNER_ARG = $(if $(LEARNER),learner=$(LEARNER))
 
 .PHONY: setup data postgres test lint pretrain finetune active report probe curve search stats bench-pretrain \
-	bench-precision bench-finetune bench-probcover gpu-pack gpu-unpack
+	bench-precision bench-finetune bench-capacity bench-probcover gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data postgres
 
@@ -96,6 +96,9 @@ bench-precision:
 
 bench-finetune:
 	$(PY) benchmarks/bench_finetune.py $(ARGS)
+
+bench-capacity:
+	$(PY) benchmarks/bench_capacity.py $(ARGS)
 
 bench-probcover:
 	$(PY) benchmarks/bench_probcover.py $(ARGS)

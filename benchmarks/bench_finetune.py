@@ -46,8 +46,10 @@ class StepTimer(pl.Callback):
         return (time.perf_counter() - self.start) / self.steps
 
 
-def learner(cfg, images):
-    backbone_cfg = compose("pretrain", [f"preset={cfg.preset}"]).backbone
+def learner(cfg, images, backbone_overrides: tuple[str, ...] = ()):
+    """The preset's fine-tuning learner on 250 images with random labels (speed only); its
+    backbone the preset's, with ``backbone_overrides`` (e.g. ``backbone.stem_stride=1``)."""
+    backbone_cfg = compose("pretrain", [f"preset={cfg.preset}", *backbone_overrides]).backbone
     n = 250
     return build_learner(cfg, build_backbone(backbone_cfg), images[:n],
                          torch.randint(0, 10, (n,)).numpy(), images, seed=0)
@@ -65,9 +67,10 @@ def shipped(cfg, images, steps: int, warmup: int) -> float:
     return timer.seconds_per_step()
 
 
-def ready_views(cfg, images, steps: int, warmup: int) -> float:
+def ready_views(cfg, images, steps: int, warmup: int,
+                backbone_overrides: tuple[str, ...] = ()) -> float:
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
-    module = learner(cfg, images).to(device)
+    module = learner(cfg, images, backbone_overrides).to(device)
     optimizer = torch.optim.SGD(module.model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     idx_lb, y_lb, idx_ulb = module._draw(0)
     x_lb = module._format(module.weak(module.labeled_images[idx_lb].to(device)))

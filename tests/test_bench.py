@@ -23,3 +23,19 @@ def test_variants_take_turns_and_medians_are_compared():
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert runs == {"a": [101.0, 103.0, 105.0], "b": [202.0, 204.0, 206.0]}
     assert median(runs["a"]) == 103.0
+
+
+def test_capacity_variants_scale_the_presets_backbone_and_bad_variants_are_explained():
+    import pytest
+    from bench_capacity import default_variants, parse_variant
+
+    from fewlabels.config import compose
+
+    variants = default_variants(compose("pretrain", ["preset=cpu"]).backbone)
+    assert variants == {"base": (), "stride1-stem": ("backbone.stem_stride=1",),
+                        "2x-widths": ("backbone.widths=[64,128,256,512]",),
+                        "2x-blocks": ("backbone.blocks=[2,2,2,2]",)}
+    assert parse_variant("wide=backbone.widths=[48,96],backbone.stem_stride=1") == (
+        "wide", ("backbone.widths=[48,96]", "backbone.stem_stride=1"))
+    with pytest.raises(SystemExit, match="NAME=OVERRIDE"):
+        parse_variant("backbone.stem_stride")
