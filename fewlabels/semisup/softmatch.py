@@ -71,7 +71,7 @@ class SoftMatch(FixMatch):
         if settings.n_sigma <= 0 or not 0 <= settings.momentum < 1:
             raise ValueError(f"algorithm.n_sigma={settings.n_sigma} must be > 0 and "
                              f"algorithm.momentum={settings.momentum} in [0, 1)")
-        self.soft = settings
+        self.settings: SoftMatchSettings = settings
         n_classes = self.model.head.out_features
         self.class_distribution = RunningMean((n_classes,), settings.momentum)
         self.confidence_mean = RunningMean((), settings.momentum)
@@ -79,7 +79,7 @@ class SoftMatch(FixMatch):
 
     @torch.no_grad()
     def probs_for_weights(self, probs: torch.Tensor) -> torch.Tensor:
-        if not self.soft.uniform_alignment:
+        if not self.settings.uniform_alignment:
             return probs
         aligned = probs / self.class_distribution.update(probs.mean(dim=0))
         return aligned / aligned.sum(dim=1, keepdim=True)
@@ -89,7 +89,7 @@ class SoftMatch(FixMatch):
         mean = self.confidence_mean.update(confidence.mean())
         var = self.confidence_var.update(confidence.var()) if len(confidence) > 1 \
             else self.confidence_var.value
-        width_sq = var.clamp_min(1e-12) / self.soft.n_sigma ** 2
+        width_sq = var.clamp_min(1e-12) / self.settings.n_sigma ** 2
         below = (confidence - mean).clamp(max=0)
         return torch.exp(-below.square() / (2 * width_sq))
 
