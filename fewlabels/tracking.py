@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,47 +23,84 @@ def wandb_mode(configured: str | None = None) -> str:
 
 
 _FILE_HEADER = 7  # b":W&B", magic 0xBEE1, version
-_BLOCK, _RECORD_HEADER = 32768, 7  # leveldb log: crc32, length, type per record
+_BLOCK, _RECORD_HEADER = 32768, 7  # leveldb log: crc32, length, type per chunk
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def _wandb_records(path: str | os.PathLike[str]) -> list[bytes]:
-    """The protobuf payloads of a ``.wandb`` file (a leveldb-style log of 32 KiB blocks)."""
+class IncompleteRunFile(RuntimeError):
+    """A ``.wandb`` file whose writer has not finished: W&B's service may still be writing it
+    for a moment after ``wandb.finish()`` returns, or the run was killed mid-write."""
+
+
+def _wandb_records(path: str | os.PathLike[str]) -> tuple[list[bytes], bool]:
+    """The protobuf payloads of a ``.wandb`` file (a leveldb-style log of 32 KiB blocks, each
+    chunk checked against its CRC-32), and whether the file ends on a whole record. A chunk cut
+    off by the end of the file ends the list there (the writer is still at work); a bad checksum
+    before that is corruption and raises."""
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
-    records, pending, pos = [], b"", _FILE_HEADER
+    records: list[bytes] = []
+    pending: bytes | None = None
+    pos = _FILE_HEADER
     while pos + _RECORD_HEADER <= len(data):
         if _BLOCK - pos % _BLOCK < _RECORD_HEADER:  # block trailer: zero padding
             pos += _BLOCK - pos % _BLOCK
             continue
+        checksum = int.from_bytes(data[pos:pos + 4], "little")
         length = int.from_bytes(data[pos + 4:pos + 6], "little")
         kind = data[pos + 6]
-        payload = data[pos + _RECORD_HEADER:pos + _RECORD_HEADER + length]
-        pos += _RECORD_HEADER + length
-        if kind == 0 and length == 0:
+        if checksum == length == kind == 0:
             break  # preallocated, unwritten space
+        payload = data[pos + _RECORD_HEADER:pos + _RECORD_HEADER + length]
+        if len(payload) < length:
+            return records, False  # the last chunk is still being written
+        if zlib.crc32(bytes([kind]) + payload) != checksum:
+            raise ValueError(f"{path} is corrupt: the chunk at byte {pos} fails its checksum")
+        pos += _RECORD_HEADER + length
         if kind == _FULL:
             records.append(payload)
         elif kind == _FIRST:
             pending = payload
-        elif kind == _MIDDLE:
+        elif kind in (_MIDDLE, _LAST) and pending is not None:
             pending += payload
-        elif kind == _LAST:
-            records.append(pending + payload)
-    return records
+            if kind == _LAST:
+                records.append(pending)
+                pending = None
+    return records, pending is None and pos >= len(data)
 
 
-def read_offline_run(run_file: str | os.PathLike[str]) -> dict[str, Any]:
-    """History rows, summary and config recorded in a ``run-*.wandb`` file."""
+def read_offline_run(run_file: str | os.PathLike[str],
+                     wait_for_exit_s: float = 30.0) -> dict[str, Any]:
+    """History rows, summary and config recorded in a ``run-*.wandb`` file.
+
+    A finished run's file ends with its ``exit`` record; W&B's service can still be writing the
+    last records for a moment after ``wandb.finish()`` returns, so this re-reads the file until
+    that record is there, for up to ``wait_for_exit_s`` seconds, then raises
+    :class:`IncompleteRunFile`. ``wait_for_exit_s=0`` reads a run in progress: the records
+    written so far."""
     from wandb.proto import wandb_internal_pb2
 
+    deadline = time.monotonic() + wait_for_exit_s
+    while True:
+        payloads, whole = _wandb_records(run_file)
+        records = []
+        for data in payloads:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            records.append(record)
+        finished = whole and bool(records) and records[-1].WhichOneof("record_type") == "exit"
+        if finished or wait_for_exit_s <= 0:
+            break
+        if time.monotonic() > deadline:
+            raise IncompleteRunFile(
+                f"{run_file} has no exit record after {wait_for_exit_s:.0f} s: the run is still "
+                "being written or was killed. Pass wait_for_exit_s=0 to read what it holds.")
+        time.sleep(0.1)
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     config: dict[str, Any] = {}
-    for data in _wandb_records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
