@@ -23,7 +23,7 @@ def run_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
-        run = wandb.init(project="fewlabels-test", dir=tmp, id="reader-test",
+        run = wandb.init(project="fewlabels-test", dir=tmp, id="reader-test", mode="offline",
                          config={"lr": 0.03, "name": "tiny"})
         for step in range(ROWS):
             run.log({"train/loss": 1.0 / (step + 1), "train/step_name": f"step-{step:04d}"})
