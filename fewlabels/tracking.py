@@ -51,7 +51,7 @@ def _wandb_records(path: str | os.PathLike[str]) -> tuple[list[bytes], bool]:
         length = int.from_bytes(data[pos + 4:pos + 6], "little")
         kind = data[pos + 6]
         if checksum == length == kind == 0:
-            break  # preallocated, unwritten space
+            return records, pending is None  # preallocated, unwritten space after the records
         payload = data[pos + _RECORD_HEADER:pos + _RECORD_HEADER + length]
         if len(payload) < length:
             return records, False  # the last chunk is still being written

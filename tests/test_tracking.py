@@ -83,3 +83,10 @@ def test_a_corrupt_file_is_named_not_misread(run_file, tmp_path):
     not_wandb.write_bytes(b"hello")
     with pytest.raises(ValueError, match="not a W&B run file"):
         read_offline_run(not_wandb)
+
+
+def test_zeroed_space_after_the_records_is_not_waited_for(run_file, tmp_path):
+    """Some writers preallocate: zeros after the exit record are unwritten space, not a record."""
+    padded = tmp_path / run_file.name
+    padded.write_bytes(run_file.read_bytes() + bytes(1000))
+    assert read_offline_run(padded, wait_for_exit_s=0.3) == read_offline_run(run_file)
