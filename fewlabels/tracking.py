@@ -32,11 +32,11 @@ class IncompleteRunFile(RuntimeError):
     for a moment after ``wandb.finish()`` returns, or the run was killed mid-write."""
 
 
-def _wandb_records(path: str | os.PathLike[str]) -> tuple[list[bytes], bool]:
+def _wandb_records(path: str | os.PathLike[str]) -> list[bytes]:
     """The protobuf payloads of a ``.wandb`` file (a leveldb-style log of 32 KiB blocks, each
-    chunk checked against its CRC-32), and whether the file ends on a whole record. A chunk cut
-    off by the end of the file ends the list there (the writer is still at work); a bad checksum
-    before that is corruption and raises."""
+    chunk checked against its CRC-32). A chunk cut off by the end of the file, or zeroed space,
+    ends the list there (the writer is still at work, or preallocated); a bad checksum before
+    that is corruption and raises."""
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
@@ -51,10 +51,10 @@ def _wandb_records(path: str | os.PathLike[str]) -> tuple[list[bytes], bool]:
         length = int.from_bytes(data[pos + 4:pos + 6], "little")
         kind = data[pos + 6]
         if checksum == length == kind == 0:
-            return records, pending is None  # preallocated, unwritten space after the records
+            break  # preallocated, unwritten space after the records
         payload = data[pos + _RECORD_HEADER:pos + _RECORD_HEADER + length]
         if len(payload) < length:
-            return records, False  # the last chunk is still being written
+            break  # the last chunk is still being written
         if zlib.crc32(bytes([kind]) + payload) != checksum:
             raise ValueError(f"{path} is corrupt: the chunk at byte {pos} fails its checksum")
         pos += _RECORD_HEADER + length
@@ -67,7 +67,7 @@ def _wandb_records(path: str | os.PathLike[str]) -> tuple[list[bytes], bool]:
             if kind == _LAST:
                 records.append(pending)
                 pending = None
-    return records, pending is None and pos >= len(data)
+    return records
 
 
 def read_offline_run(run_file: str | os.PathLike[str],
@@ -83,13 +83,12 @@ def read_offline_run(run_file: str | os.PathLike[str],
 
     deadline = time.monotonic() + wait_for_exit_s
     while True:
-        payloads, whole = _wandb_records(run_file)
         records = []
-        for data in payloads:
+        for data in _wandb_records(run_file):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             records.append(record)
-        finished = whole and bool(records) and records[-1].WhichOneof("record_type") == "exit"
+        finished = bool(records) and records[-1].WhichOneof("record_type") == "exit"
         if finished or wait_for_exit_s <= 0:
             break
         if time.monotonic() > deadline:

@@ -74,7 +74,7 @@ def test_a_run_that_never_finishes_says_so(run_file, tmp_path):
 
 def test_a_corrupt_file_is_named_not_misread(run_file, tmp_path):
     data = bytearray(run_file.read_bytes())
-    data[50_000] ^= 0xFF  # one flipped bit pattern inside the second block
+    data[50_000] ^= 0xFF  # one byte flipped inside the second block
     bad = tmp_path / run_file.name
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt.*checksum"):
