@@ -1,13 +1,17 @@
 """What every training stage shares: the resolved precision, checkpoint writes that are never
-half done, and the provenance of a run (commit, hardware)."""
+half done, a run's training time summed over its resumes, and its provenance (commit,
+hardware)."""
 
 from __future__ import annotations
 
 import platform
 import subprocess
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -40,6 +44,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class TrainingClock(pl.Callback):
+    """A run's wall time over all its invocations: the seconds recorded in the checkpoint it
+    resumed from plus this invocation's. It is saved in every ``last.ckpt``, so a run killed and
+    resumed reports the time it took in all, not only its last part (the work a killed
+    invocation did after its last checkpoint is redone by the next one and counted once)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.before = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict["seconds"])
+
+
+def wall_time_s(result: Mapping[str, Any]) -> float:
+    """A result file's wall time over all invocations (``wall_time_s``); files written before
+    that field existed have only ``wall_time_s_this_invocation``."""
+    return float(result.get("wall_time_s", result["wall_time_s_this_invocation"]))
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

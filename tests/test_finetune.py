@@ -246,6 +246,11 @@ def test_killed_run_resumes_and_adds_no_queries(tiny_checkpoint, tmp_path, subpr
     result = json.loads(next((tmp_path / "results").glob("finetune-*.json")).read_text())
     assert result["resumed_from_step"] == saved_step  # trained only the remaining steps
     assert result["steps"] == 400
+    # The wall time counts the killed invocation's time up to its checkpoint as well.
+    saved_seconds = torch.load(folder / "last.ckpt", weights_only=False,
+                               map_location="cpu")["callbacks"]["TrainingClock"]["seconds"]
+    assert result["wall_time_s"] > result["wall_time_s_this_invocation"] > 0
+    assert result["wall_time_s"] >= saved_seconds > 0
     assert {s.run_id: s.labels_revealed for s in stats()} == before
 
 
@@ -410,3 +415,19 @@ def test_report_never_averages_different_configurations(tmp_path, capsys):
         in lines[0]
     assert "| long-ck-12345678 | selftrain | typiclust | 50 | 90.00% ± 0.00% | 1 | 50 | 200 |" \
         in lines[1]
+
+
+def test_report_wall_time_counts_every_invocation_of_a_resumed_run(tmp_path):
+    """A resumed run's ``wall_time_s`` (all invocations) is its wall time; a file written before
+    that field existed falls back to ``wall_time_s_this_invocation``."""
+    from fewlabels.semisup.report import rows
+
+    for seed, times in ((0, {"wall_time_s": 600.0, "wall_time_s_this_invocation": 60.0}),
+                        (1, {"wall_time_s_this_invocation": 60.0})):
+        (tmp_path / f"finetune-{seed}.json").write_text(json.dumps({
+            "oracle_run_id": f"finetune/ck-12345678/typiclust/n50/seed{seed}",
+            "algorithm": "fixmatch", "strategy": "typiclust", "n": 50, "seed": seed,
+            "test_accuracy": 0.8, "n_queries": 50, "steps": 100, "steps_configured": 100,
+            "ended_by": "steps", **times}))
+    (row,) = rows(tmp_path)
+    assert row["wall_min"] == pytest.approx((600 + 60) / 2 / 60)

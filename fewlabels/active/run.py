@@ -61,7 +61,7 @@ from fewlabels.names import safe_name
 from fewlabels.oracle import Oracle
 from fewlabels.probe.features import features
 from fewlabels.probe.select import select
-from fewlabels.runtime import git_commit, hardware, resolve_precision
+from fewlabels.runtime import git_commit, hardware, resolve_precision, wall_time_s
 from fewlabels.semisup.run import (
     PREDICTIONS_FILE,
     TRAINING_KEYS,
@@ -208,8 +208,8 @@ def _copy_round(cfg: DictConfig, run: ActiveRun, k: int, source: Path, labeled: 
         with atomic_path(folder / name) as tmp:
             shutil.copyfile(source / name, tmp)
     result.update(n_queries=n_queries, oracle_run_id=run.oracle_run_id,
-                  copied_from=str(source), wall_time_s_this_invocation=0.0,
-                  wall_time_s_source=result["wall_time_s_this_invocation"])
+                  copied_from=str(source), wall_time_s=0.0, wall_time_s_this_invocation=0.0,
+                  wall_time_s_source=wall_time_s(result))
     write_json_atomic(folder / ROUND_FILE, result)
     return result
 
@@ -271,7 +271,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
         learner.model.load_state_dict(state)
         learner.ema_model.load_state_dict(state)
     logger = wandb_logger(round_cfg, folder, f"{run.seed_name}-round{k}", run.name, "active")
-    steps, wall = fit(round_cfg, learner, folder, logger, f"{run.seed_name} round {k}")
+    fitted = fit(round_cfg, learner, folder, logger, f"{run.seed_name} round {k}")
     predictions = learner.predict_logits(torch.from_numpy(test_images),
                                          cfg.trainer.eval_batch_size).argmax(1).numpy()
     metrics = evaluate(predictions, test_labels)
@@ -283,9 +283,12 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
                  algorithm=cfg.algorithm.name, pretrained_sha256=ckpt.sha256)
     result = {"round": k, "budget": budget, "n_queries": n_queries, "seed": seed,
               "new_ids": len(new), "how": cfg.strategy if k == 0 else cfg.select,
-              "warm_start": warm, "steps": steps, "steps_configured": round_cfg.trainer.steps,
-              "ended_by": "steps" if steps >= round_cfg.trainer.steps else "time cap",
-              "wall_time_s_this_invocation": round(wall, 1), "ids": [int(i) for i in ids],
+              "warm_start": warm, "steps": fitted.steps,
+              "steps_configured": round_cfg.trainer.steps,
+              "ended_by": "steps" if fitted.steps >= round_cfg.trainer.steps else "time cap",
+              "wall_time_s": round(fitted.wall_s, 1),
+              "wall_time_s_this_invocation": round(fitted.wall_s_this_invocation, 1),
+              "ids": [int(i) for i in ids],
               "oracle_run_id": run.oracle_run_id, **metrics}
     run_log = logger.experiment
     run_log.log({"round/n_queries": n_queries, "round/test_accuracy": metrics["test_accuracy"],
@@ -322,7 +325,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
         copied = f", copied from {result['copied_from']}" if "copied_from" in result else ""
         print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
               f"{result['test_accuracy']:.2%} ({result['how']}, {result['steps']} steps, "
-              f"{result['wall_time_s_this_invocation'] / 60:.1f} min{copied})", flush=True)
+              f"{wall_time_s(result) / 60:.1f} min{copied})", flush=True)
         if result["ended_by"] != "steps":
             return None
         labeled = np.array(result["ids"], dtype=np.int64)
@@ -341,8 +344,7 @@ def curve_rows(per_seed: list[list[dict[str, Any]]], budgets: list[int]) -> list
                      "mean": float(accs.mean()),
                      "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
                      "accuracies": " ".join(f"{a:.4f}" for a in accs),
-                     "wall_time_s": round(sum(r[k]["wall_time_s_this_invocation"]
-                                              for r in per_seed), 1)})
+                     "wall_time_s": round(sum(wall_time_s(r[k]) for r in per_seed), 1)})
     return rows
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from fewlabels.runtime import wall_time_s
+
 
 def rows(results_dir: str | Path) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -30,7 +32,7 @@ def rows(results_dir: str | Path) -> list[dict[str, Any]]:
                     "queries": sum(r["n_queries"] for r in runs),
                     "steps": sorted({r["steps"] for r in runs}),
                     "ended_by": sorted({r["ended_by"] for r in runs}),
-                    "wall_min": float(np.mean([r["wall_time_s_this_invocation"]
+                    "wall_min": float(np.mean([wall_time_s(r)
                                                for r in runs])) / 60})
     return out
 

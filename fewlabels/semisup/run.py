@@ -49,7 +49,14 @@ from fewlabels.names import safe_name
 from fewlabels.oracle import Oracle
 from fewlabels.probe.features import features
 from fewlabels.probe.select import check_strategy, select
-from fewlabels.runtime import AtomicCheckpointIO, git_commit, hardware, resolve_precision
+from fewlabels.runtime import (
+    AtomicCheckpointIO,
+    TrainingClock,
+    git_commit,
+    hardware,
+    resolve_precision,
+    wall_time_s,
+)
 from fewlabels.semisup import ALGORITHMS, BatchSettings, Learner, OptimizerSettings
 from fewlabels.tracking import wandb_mode
 
@@ -184,11 +191,21 @@ def wandb_logger(cfg: DictConfig, folder: Path, name: str, group: str,
                        config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str,
-        ) -> tuple[int, float]:
+@dataclass(frozen=True)
+class Fitted:
+    """What ``fit`` did: the steps the run has reached, and its wall time in seconds, in this
+    invocation and over all invocations of the run (``TrainingClock``)."""
+
+    steps: int
+    wall_s_this_invocation: float
+    wall_s: float
+
+
+def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str) -> Fitted:
     """Train for ``trainer.steps`` (resuming from ``folder/last.ckpt``), then set the EMA model's
-    BatchNorm statistics on plain unlabeled images. Returns (steps done, wall seconds)."""
+    BatchNorm statistics on plain unlabeled images."""
     tr = cfg.trainer
+    clock = TrainingClock()
     trainer = pl.Trainer(
         max_steps=tr.steps, max_epochs=-1, max_time=tr.max_time, accelerator=tr.accelerator,
         devices=1, precision=tr.precision, gradient_clip_val=cfg.optimizer.clip_grad_norm,
@@ -196,12 +213,11 @@ def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str,
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1,
                                    enable_version_counter=False),
-                   LearningRateMonitor(logging_interval="step")])
+                   LearningRateMonitor(logging_interval="step"), clock])
     last = folder / LAST_FILE
-    started = time.time()
     trainer.fit(learner, torch.utils.data.DataLoader(range(tr.steps_per_epoch), batch_size=None),
                 ckpt_path=last if last.is_file() else None)
-    wall = time.time() - started
+    fitted = Fitted(trainer.global_step, time.time() - clock.started, clock.seconds)
     if trainer.global_step < tr.steps:
         print(f"WARNING: {name} stopped at step {trainer.global_step} of {tr.steps}: "
               f"trainer.max_time={tr.max_time} fired. Its result is NOT the configured "
@@ -210,7 +226,7 @@ def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str,
     order = torch.from_numpy(np.random.default_rng(learner.batches.seed).permutation(len(pool)))
     learner.calibrate_batchnorm(pool[order[:tr.batchnorm_calibration_images]],
                                 tr.eval_batch_size)
-    return trainer.global_step, wall
+    return fitted
 
 
 def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.ndarray,
@@ -233,7 +249,8 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
     learner = build_learner(cfg, load_backbone(ckpt), pool[ids], labels, pool, seed)
     logger = wandb_logger(cfg, run.folder, run.name, ckpt.name, "finetune")
     commit = git_commit()
-    steps_done, wall = fit(cfg, learner, run.folder, logger, run.name)
+    fitted = fit(cfg, learner, run.folder, logger, run.name)
+    steps_done, wall = fitted.steps, fitted.wall_s_this_invocation
     predictions = learner.predict_logits(torch.from_numpy(test_images),
                                          cfg.trainer.eval_batch_size).argmax(1).numpy()
     train_pred = learner.predict_logits(torch.from_numpy(pool[ids]),
@@ -254,7 +271,8 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
         "n_queries": n_queries, "seed": seed, "oracle_run_id": run.oracle_run_id,
         "steps": steps_done, "steps_configured": cfg.trainer.steps,
         "ended_by": "steps" if steps_done >= cfg.trainer.steps else "time cap",
-        "resumed_from_step": resumed_at, "wall_time_s_this_invocation": round(wall, 1),
+        "resumed_from_step": resumed_at, "wall_time_s": round(fitted.wall_s, 1),
+        "wall_time_s_this_invocation": round(wall, 1),
         "images_per_sec": round(images_seen / wall, 1) if wall > 0 else None,  # with overheads
         "train_accuracy_on_queried": float((train_pred == labels).mean()),
         "hardware": hardware(), "precision": cfg.trainer.precision, "git_commit": commit,
@@ -272,7 +290,7 @@ def _log_result(logger: WandbLogger, result: dict[str, Any], images: np.ndarray,
     run.summary.update({"test_accuracy": result["test_accuracy"], "n": result["n"],
                         "n_queries": result["n_queries"], "seed": result["seed"],
                         "steps": result["steps"],
-                        "wall_time_s": result["wall_time_s_this_invocation"],
+                        "wall_time_s": result["wall_time_s"],
                         **{f"test/class_{i}_accuracy": a
                            for i, a in enumerate(result["per_class_accuracy"])}})
     run.finish()
@@ -331,5 +349,5 @@ def finetune(cfg: DictConfig) -> list[dict[str, Any]]:
           f"N={cfg.n}: test accuracy {accs.mean():.2%} ± {std:.2%} ({len(accs)} seeds: "
           f"{', '.join(f'{a:.2%}' for a in accs)}); "
           f"{sum(r['n_queries'] for r in results)} queries counted by the label database; "
-          f"{sum(r['wall_time_s_this_invocation'] for r in results) / 60:.1f} min")
+          f"{sum(wall_time_s(r) for r in results) / 60:.1f} min")
     return results

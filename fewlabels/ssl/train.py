@@ -30,7 +30,13 @@ from fewlabels.models.checkpoint import (
     save_weights,
 )
 from fewlabels.names import safe_name
-from fewlabels.runtime import AtomicCheckpointIO, git_commit, hardware, resolve_precision
+from fewlabels.runtime import (
+    AtomicCheckpointIO,
+    TrainingClock,
+    git_commit,
+    hardware,
+    resolve_precision,
+)
 from fewlabels.ssl import method_class
 from fewlabels.tracking import wandb_mode
 
@@ -132,6 +138,7 @@ def pretrain(cfg: DictConfig) -> Path:
         save_dir=cfg.logger.dir, mode=wandb_mode(cfg.logger.mode), job_type="pretrain",
         config=OmegaConf.to_container(cfg, resolve=True))
     tr = cfg.trainer
+    clock = TrainingClock()
     trainer = pl.Trainer(
         max_epochs=tr.max_epochs, max_time=tr.max_time, accelerator=tr.accelerator,
         devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
@@ -141,16 +148,15 @@ def pretrain(cfg: DictConfig) -> Path:
         enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                    enable_version_counter=False),  # last.ckpt every epoch
-                   LearningRateMonitor(logging_interval="step")])
+                   LearningRateMonitor(logging_interval="step"), clock])
     if tr.channels_last:
         module = module.to(memory_format=torch.channels_last)
 
     last = ckpt_dir / LAST_FILE
     resume_from = last if last.exists() else None
     commit = git_commit()  # the code this run starts with, even if the tree changes meanwhile
-    started = time.time()
     trainer.fit(module, make_loader(cfg, images), ckpt_path=resume_from)
-    wall = time.time() - started
+    wall, wall_all = time.time() - clock.started, clock.seconds
     ended_by = "epochs" if trainer.current_epoch >= tr.max_epochs else "time cap"
     if ended_by == "time cap" and trainer.is_global_zero:
         print(f"\nWARNING: trainer.max_time={tr.max_time} stopped {name} after "
@@ -165,15 +171,16 @@ def pretrain(cfg: DictConfig) -> Path:
             "backbone": cfg.backbone.name, "feature_dim": module.feature_dim,
             "epochs_completed": trainer.current_epoch, "epochs_configured": tr.max_epochs,
             "ended_by": ended_by, "global_step": trainer.global_step,
-            "images": len(images), "wall_time_s_this_invocation": round(wall, 1),
+            "images": len(images), "wall_time_s": round(wall_all, 1),
+            "wall_time_s_this_invocation": round(wall, 1),
             "resumed_from": str(resume_from) if resume_from else None,
             "git_commit": commit, "hardware": hardware(),
             "train_images_md5": FILES["train-images"].md5, "torch": torch.__version__,
             "wandb_run_id": logger.version, "final_metrics": metrics,
         })
-        logger.experiment.summary.update({"wall_time_s": wall,
+        logger.experiment.summary.update({"wall_time_s": wall_all,
                                           "epochs_completed": trainer.current_epoch})
         logger.experiment.finish()
         print(f"\nCheckpoint: {ckpt_dir / BACKBONE_FILE} ({trainer.current_epoch} epochs, "
-              f"{wall / 60:.1f} min). Probe it: make probe N=100 CKPT={ckpt_dir}")
+              f"{wall_all / 60:.1f} min). Probe it: make probe N=100 CKPT={ckpt_dir}")
     return ckpt_dir
