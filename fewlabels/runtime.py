@@ -57,8 +57,12 @@ class TrainingClock(pl.Callback):
         self.before = 0.0
 
     @property
+    def this_invocation(self) -> float:
+        return time.time() - self.started
+
+    @property
     def seconds(self) -> float:
-        return self.before + time.time() - self.started
+        return self.before + self.this_invocation
 
     def state_dict(self) -> dict[str, float]:
         return {"seconds": self.seconds}

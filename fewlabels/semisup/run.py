@@ -13,7 +13,6 @@ label; a finished run is read back, not trained again.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +216,7 @@ def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str)
     last = folder / LAST_FILE
     trainer.fit(learner, torch.utils.data.DataLoader(range(tr.steps_per_epoch), batch_size=None),
                 ckpt_path=last if last.is_file() else None)
-    fitted = Fitted(trainer.global_step, time.time() - clock.started, clock.seconds)
+    fitted = Fitted(trainer.global_step, clock.this_invocation, clock.seconds)
     if trainer.global_step < tr.steps:
         print(f"WARNING: {name} stopped at step {trainer.global_step} of {tr.steps}: "
               f"trainer.max_time={tr.max_time} fired. Its result is NOT the configured "

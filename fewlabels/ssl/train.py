@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,7 @@ def pretrain(cfg: DictConfig) -> Path:
     resume_from = last if last.exists() else None
     commit = git_commit()  # the code this run starts with, even if the tree changes meanwhile
     trainer.fit(module, make_loader(cfg, images), ckpt_path=resume_from)
-    wall, wall_all = time.time() - clock.started, clock.seconds
+    wall, wall_all = clock.this_invocation, clock.seconds
     ended_by = "epochs" if trainer.current_epoch >= tr.max_epochs else "time cap"
     if ended_by == "time cap" and trainer.is_global_zero:
         print(f"\nWARNING: trainer.max_time={tr.max_time} stopped {name} after "
