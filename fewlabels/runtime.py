@@ -1,6 +1,6 @@
 """What every training stage shares: the resolved precision, checkpoint writes that are never
-half done, a run's training time summed over its resumes, and its provenance (commit,
-hardware)."""
+half done, a run's training time summed over its resumes, its time limits, and its provenance
+(commit, hardware)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from fewlabels.files import atomic_path
@@ -71,6 +72,65 @@ class TrainingClock(pl.Callback):
         self.before = float(state_dict["seconds"])
 
 
+def seconds(duration: str | None) -> float | None:
+    """A "DD:HH:MM:SS" duration (``trainer.time_budget``, ``trainer.max_time``) in seconds; None
+    when there is none. Anything else is a ValueError that says how to write it."""
+    if duration is None or duration == "":
+        return None
+    parts = str(duration).split(":")
+    if len(parts) != 4 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"{duration!r} is not a duration: write DD:HH:MM:SS (00:02:00:00 is two "
+                         "hours), or null for none")
+    days, hours, minutes, secs = (int(part) for part in parts)
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+def check_durations(trainer_cfg: Mapping[str, Any]) -> None:
+    """``trainer.max_time`` and, where the stage has it, ``trainer.time_budget``: checked before
+    any file is written."""
+    for key in ("max_time", "time_budget"):
+        try:
+            seconds(trainer_cfg.get(key))
+        except ValueError as err:
+            raise ValueError(f"trainer.{key}: {err}") from None
+
+
+class InvocationTimer(Timer):
+    """``trainer.max_time``, a safety net for one invocation (a session's end, a shared machine).
+    Lightning's own Timer carries its elapsed time over a resume, so the run it stopped stops
+    again at once when its command is run again; this one counts this invocation only, so the
+    same command continues where the cap stopped it. No schedule follows it: a run it stopped,
+    then resumed to its end, is the run its command describes."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """This invocation's time only: nothing carried over from the checkpoint."""
+
+
+class BudgetTimer(Timer):
+    """``trainer.time_budget`` (pretraining only): the run's training time over all its
+    invocations, carried over a resume as Lightning's Timer does. The run ends when it is spent,
+    and the schedules follow it when it is further along than the steps, so a run on hardware of
+    unknown speed (a lent GPU) still ends annealed. Such a run ends by design, not by accident."""
+
+
+def time_limits(max_time: str | None, time_budget: str | None = None) -> list[Timer]:
+    """The timer callbacks for ``trainer.max_time`` and ``trainer.time_budget`` ("DD:HH:MM:SS";
+    None or empty: no limit). Pass them as callbacks, never as ``Trainer(max_time=...)``."""
+    timers: list[Timer] = []
+    if max_time:
+        timers.append(InvocationTimer(duration=str(max_time), interval="step"))
+    if time_budget:
+        timers.append(BudgetTimer(duration=str(time_budget), interval="step"))
+    return timers
+
+
+def budget_spent(trainer: pl.Trainer) -> bool:
+    """Whether the run's ``trainer.time_budget`` (a :class:`BudgetTimer`) is used up."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, BudgetTimer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    return remaining is not None and remaining <= 0
+
+
 def wall_time_s(result: Mapping[str, Any]) -> float:
     """A result file's wall time over all invocations (``wall_time_s``); files written before
     that field existed have only ``wall_time_s_this_invocation``."""
@@ -78,9 +138,9 @@ def wall_time_s(result: Mapping[str, Any]) -> float:
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (measured on this 2-core
-    EPYC: 1.5x the fp32 images/s with channels_last, `make bench-precision`). Without them
-    bf16 is emulated, so ``auto`` stays fp32."""
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions natively (on a 2-core EPYC with
+    AVX512-BF16: 1.5x the fp32 images/s with channels_last, `make bench-precision`). Without
+    them bf16 is emulated (on an AVX2-only EPYC: 0.11x), so ``auto`` stays fp32."""
     try:
         flags = set(cpuinfo.read_text().split())
     except OSError:

@@ -176,6 +176,7 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("warm_start=false last_round_fraction=1.0", "warm-started last round"),
     ("branch_from=../x", "branch_from"),
     ("branch_from=no-such-run", "holds no finished round of seed 0"),
+    ("trainer.max_time=90m", "trainer.max_time.*DD:HH:MM:SS"),
 ])
 def test_bad_arguments_fail_before_any_query(tiny_checkpoint, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -189,9 +190,13 @@ def test_a_time_capped_round_is_not_taken_for_done(tiny_checkpoint, tmp_path):
                            "trainer.max_time=00:00:00:01")
     assert active(capped) == {}  # no curve from an unfinished round
     folder = active_run(capped, open_checkpoint(tiny_checkpoint), 0).folder
-    assert (folder / "round0" / "last.ckpt").is_file()
+    last = folder / "round0" / "last.ckpt"
+    assert last.is_file()
     assert not (folder / "round0" / "round.json").exists()
     assert not list((tmp_path / "results").glob("active-*.csv"))
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert active(capped) == {}  # the cap counts per invocation: the same command trains on
+    assert torch.load(last, weights_only=True)["global_step"] > step
 
 
 def test_warm_rounds_start_from_the_last_model_and_self_training_renews_its_teacher(

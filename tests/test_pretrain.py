@@ -101,52 +101,64 @@ def test_schedule_helpers():
     assert cosine(1.0, 0.99, 1.0) == pytest.approx(1.0) and cosine(2.0, 0.99, 1.0) == 1.0
 
 
-def test_the_learning_rate_follows_a_fake_clock_when_the_time_cap_comes_first(tiny_config,
-                                                                              tmp_path):
-    """The schedule on a clock the test sets: no real time, no noise."""
-    from pytorch_lightning.callbacks import Timer
-
+def test_the_learning_rate_follows_a_fake_clock_when_the_time_budget_comes_first(tiny_config,
+                                                                                 tmp_path):
+    """The schedule on a clock the test sets: no real time, no noise. The budget moves it; the
+    per-invocation safety net ``trainer.max_time`` never does."""
+    from fewlabels.runtime import BudgetTimer, InvocationTimer
     from fewlabels.ssl import method_class
 
-    class FakeTimer(Timer):
+    class FakeBudget(BudgetTimer):
         now = 0.0
 
         def time_elapsed(self, stage: str = "train") -> float:
             return self.now
 
-    cfg = tiny_config(tmp_path, "trainer.max_epochs=200", "trainer.max_time=00:00:01:40",
-                      "optimizer.warmup_epochs=0")
-    module = method_class("simclr")(cfg)
-    timer = FakeTimer(duration="00:00:01:40")
-    module._trainer = type("T", (), {"callbacks": [timer], "estimated_stepping_batches": 1200})()
-    factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
-    seen = []
-    for now, step in [(0.0, 1), (25.0, 3), (50.0, 6), (75.0, 9), (100.0, 12)]:
-        timer.now = now  # 100 s cap; 1,200 steps would take far longer
-        seen.append(factor(step))
-    assert seen[0] == pytest.approx(1.0, abs=0.01)
-    assert seen[2] == pytest.approx(0.5, abs=0.01)  # half the time: half way down the cosine
-    assert seen[-1] == pytest.approx(0.0, abs=1e-6)
-    assert all(a > b for a, b in zip(seen, seen[1:], strict=False))
+    class FakeCap(InvocationTimer):
+        now = 0.0
+
+        def time_elapsed(self, stage: str = "train") -> float:
+            return self.now
+
+    def factors(timer, *overrides: str) -> list[float]:
+        cfg = tiny_config(tmp_path, "trainer.max_epochs=200", "optimizer.warmup_epochs=0",
+                          *overrides)
+        module = method_class("simclr")(cfg)
+        module._trainer = type("T", (), {"callbacks": [timer],
+                                         "estimated_stepping_batches": 1200})()
+        factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        seen = []
+        for now, step in [(0.0, 1), (25.0, 3), (50.0, 6), (75.0, 9), (100.0, 12)]:
+            timer.now = now  # 100 s; 1,200 steps would take far longer
+            seen.append(factor(step))
+        return seen
+
+    by_budget = factors(FakeBudget(duration="00:00:01:40"), "trainer.time_budget=00:00:01:40")
+    assert by_budget[0] == pytest.approx(1.0, abs=0.01)
+    assert by_budget[2] == pytest.approx(0.5, abs=0.01)  # half the time: half way down
+    assert by_budget[-1] == pytest.approx(0.0, abs=1e-6)
+    assert all(a > b for a, b in zip(by_budget, by_budget[1:], strict=False))
+    by_cap = factors(FakeCap(duration="00:00:01:40"), "trainer.max_time=00:00:01:40")
+    assert min(by_cap) > 0.99  # 12 of 1,200 steps: the cosine has hardly moved
 
 
 @pytest.mark.parametrize("method", ["byol"])
-def test_the_schedules_end_when_the_time_cap_stops_the_run(method, tmp_path, monkeypatch,
-                                                           tiny_config):
-    """A loose real-time smoke run: max_epochs=200 would take minutes; a 6-second cap stops it
+def test_the_schedules_end_when_the_time_budget_ends_the_run(method, tmp_path, monkeypatch,
+                                                             tiny_config):
+    """A loose real-time smoke run: max_epochs=200 would take minutes; a 6-second budget ends it
     after a few per cent of its steps, and the learning rate and BYOL's momentum have moved
     with the clock, further along their cosines than the steps alone would move them. How far
-    depends on the machine's load (the last value is logged some steps before the cap), so this
+    depends on the machine's load (the last value is logged some steps before the end), so this
     only checks that the clock, not the step count, set them; the exact curve is checked on the
-    fake clock above."""
+    fake clock above. The budget counts over resumes: the same command again trains no more."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = tiny_config(tmp_path, f"method={method}", "trainer.max_epochs=200",
-                      "trainer.max_time=00:00:00:06", "optimizer.warmup_epochs=0")
+                      "trainer.time_budget=00:00:00:06", "optimizer.warmup_epochs=0")
     ckpt = pretrain(cfg)
     provenance = json.loads((ckpt / "provenance.json").read_text())
     total_steps = 200 * (cfg.data.limit // cfg.data.batch_size)
     by_steps = provenance["global_step"] / total_steps  # the furthest the steps alone could go
-    assert by_steps < 0.5  # stopped by time
+    assert by_steps < 0.5 and provenance["ended_by"] == "time budget"
     ahead = by_steps + 0.05  # the clock must have moved the schedules at least this far
     history = _history(tmp_path, ckpt)
     lrs = [row["lr-SGD"] for row in history if "lr-SGD" in row]
@@ -158,6 +170,35 @@ def test_the_schedules_end_when_the_time_cap_stops_the_run(method, tmp_path, mon
         momentum = [row["train/momentum"] for row in history if "train/momentum" in row]
         assert momentum[0] == pytest.approx(0.99, abs=1e-3)
         assert momentum[-1] > cosine(ahead, 0.99, 1.0)
+    pretrain(cfg)  # spent: resumes, stops at once
+    again = json.loads((ckpt / "provenance.json").read_text())
+    assert again["global_step"] == provenance["global_step"]
+    assert again["ended_by"] == "time budget"
+
+
+def test_the_time_cap_stops_one_invocation_and_the_same_command_continues(tmp_path,
+                                                                           monkeypatch,
+                                                                           tiny_config):
+    """``trainer.max_time`` is a safety net per invocation: it stops the run loudly, the same
+    command continues it (Lightning's own Timer would stop it again at once), and the learning
+    rate follows the steps only, so the interrupted run is the one its command describes."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tiny_config(tmp_path, "trainer.max_epochs=200", "trainer.max_time=00:00:00:03",
+                      "optimizer.warmup_epochs=0")
+    ckpt = pretrain(cfg)
+    first = json.loads((ckpt / "provenance.json").read_text())
+    assert first["ended_by"] == "time cap" and first["global_step"] > 0
+    time.sleep(1.1)  # W&B names offline folders by the second
+    pretrain(cfg)
+    second = json.loads((ckpt / "provenance.json").read_text())
+    assert second["ended_by"] == "time cap"
+    assert second["global_step"] > first["global_step"]  # trained on, not stopped at once
+    assert second["wall_time_s"] > second["wall_time_s_this_invocation"]
+    total_steps = 200 * (cfg.data.limit // cfg.data.batch_size)
+    base_lr = cfg.optimizer.lr * cfg.data.batch_size / 256
+    lrs = [row["lr-SGD"] for row in _history(tmp_path, ckpt) if "lr-SGD" in row]
+    # the steps alone: at most this far down the cosine, however long the invocations took
+    assert min(lrs) >= cosine(second["global_step"] / total_steps, base_lr, 0.0) * 0.999
 
 
 def test_bad_config_keys_say_what_is_wrong():
@@ -169,6 +210,13 @@ def test_bad_config_keys_say_what_is_wrong():
     cfg = compose("pretrain", ["preset=tiny", "backbone.name=vgg"])
     with pytest.raises(ValueError, match="backbone.name='vgg'"):
         build_backbone(cfg.backbone)
+
+
+@pytest.mark.parametrize("override", ["trainer.max_time=2h", "trainer.time_budget=00:01:00"])
+def test_a_bad_duration_says_how_to_write_one_before_any_file(override, tmp_path, tiny_config):
+    with pytest.raises(ValueError, match=r"trainer\.(max_time|time_budget).*DD:HH:MM:SS"):
+        pretrain(tiny_config(tmp_path, override))
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
 NO_LABELS = """

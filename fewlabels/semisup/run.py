@@ -51,9 +51,11 @@ from fewlabels.probe.select import check_strategy, select
 from fewlabels.runtime import (
     AtomicCheckpointIO,
     TrainingClock,
+    check_durations,
     git_commit,
     hardware,
     resolve_precision,
+    time_limits,
     wall_time_s,
 )
 from fewlabels.semisup import ALGORITHMS, BatchSettings, Learner, OptimizerSettings
@@ -98,6 +100,7 @@ def validate(cfg: DictConfig, counts: tuple[str, ...] = ("n",)) -> None:
     tr = cfg.trainer
     for key in ("steps", "steps_per_epoch", "eval_batch_size"):
         check_whole(tr[key], f"trainer.{key}", 1)
+    check_durations(tr)
     if cfg.batch.labeled < 1 or cfg.batch.unlabeled_ratio < 0:
         raise ValueError("batch.labeled must be >= 1 and batch.unlabeled_ratio >= 0")
 
@@ -206,21 +209,23 @@ def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str)
     tr = cfg.trainer
     clock = TrainingClock()
     trainer = pl.Trainer(
-        max_steps=tr.steps, max_epochs=-1, max_time=tr.max_time, accelerator=tr.accelerator,
+        max_steps=tr.steps, max_epochs=-1, accelerator=tr.accelerator,
         devices=1, precision=tr.precision, gradient_clip_val=cfg.optimizer.clip_grad_norm,
         log_every_n_steps=tr.log_every_n_steps, logger=logger, default_root_dir=folder,
         plugins=[AtomicCheckpointIO()], enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1,
                                    enable_version_counter=False),
-                   LearningRateMonitor(logging_interval="step"), clock])
+                   LearningRateMonitor(logging_interval="step"), clock,
+                   *time_limits(tr.max_time)])
     last = folder / LAST_FILE
     trainer.fit(learner, torch.utils.data.DataLoader(range(tr.steps_per_epoch), batch_size=None),
                 ckpt_path=last if last.is_file() else None)
     fitted = Fitted(trainer.global_step, clock.this_invocation, clock.seconds)
     if trainer.global_step < tr.steps:
         print(f"WARNING: {name} stopped at step {trainer.global_step} of {tr.steps}: "
-              f"trainer.max_time={tr.max_time} fired. Its result is NOT the configured "
-              "run; run the same command again to finish it.", flush=True)
+              f"trainer.max_time={tr.max_time} fired in this invocation. Its result is NOT "
+              "the configured run; run the same command again to finish it (it resumes from "
+              "last.ckpt).", flush=True)
     pool = learner.pool_images
     order = torch.from_numpy(np.random.default_rng(learner.batches.seed).permutation(len(pool)))
     learner.calibrate_batchnorm(pool[order[:tr.batchnorm_calibration_images]],

@@ -12,18 +12,10 @@ import torch
 import torch.nn.functional as F
 from lightly.utils.scheduler import cosine_warmup_schedule
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import Timer
 
 from fewlabels.data.transforms import BatchedTwoViews, normalize_uint8
 from fewlabels.models.backbones import build_backbone
-
-
-def seconds(max_time: str | None) -> float | None:
-    """``trainer.max_time`` ("DD:HH:MM:SS") in seconds; None when there is no time cap."""
-    if not max_time:
-        return None
-    days, hours, minutes, secs = (int(part) for part in str(max_time).split(":"))
-    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+from fewlabels.runtime import BudgetTimer, seconds
 
 
 def cosine(progress: float, start: float, end: float) -> float:
@@ -90,11 +82,13 @@ class SSLMethod(pl.LightningModule):
         self._last_batch_end = None
 
     def time_progress(self) -> float:
-        """Share of ``trainer.max_time`` used so far (0 without a time cap). The schedules take
-        whichever is further along, their steps or this, so they end when the run ends, also
-        when the time cap stops it before its epochs do."""
-        limit = seconds(self.cfg.trainer.max_time)
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        """Share of ``trainer.time_budget`` used so far, over all invocations (0 without a
+        budget). The schedules take whichever is further along, their steps or this, so a
+        budgeted run ends annealed also when the budget ends it before its epochs do. The
+        safety net ``trainer.max_time`` never moves them: a run it stopped and resumed is the
+        run its command describes."""
+        limit = seconds(self.cfg.trainer.get("time_budget"))
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, BudgetTimer)), None)
         if not limit or timer is None:
             return 0.0
         return min(1.0, timer.time_elapsed("train") / limit)  # survives a resume
@@ -129,7 +123,7 @@ class SSLMethod(pl.LightningModule):
         total_steps = self.trainer.estimated_stepping_batches
         warmup_steps = opt_cfg.warmup_epochs * max(1, total_steps // tr.max_epochs)
 
-        def lr_factor(step: int) -> float:  # lightly's warm-up and cosine, or the time cap's
+        def lr_factor(step: int) -> float:  # lightly's warm-up and cosine, or the budget's
             by_steps = cosine_warmup_schedule(step=step, max_steps=total_steps, start_value=1.0,
                                               end_value=0.001, warmup_steps=warmup_steps,
                                               warmup_start_value=0.0)

@@ -32,9 +32,12 @@ from fewlabels.names import safe_name
 from fewlabels.runtime import (
     AtomicCheckpointIO,
     TrainingClock,
+    budget_spent,
+    check_durations,
     git_commit,
     hardware,
     resolve_precision,
+    time_limits,
 )
 from fewlabels.ssl import method_class
 from fewlabels.tracking import wandb_mode
@@ -100,6 +103,7 @@ def validate(cfg: DictConfig, n_images: int) -> None:
     tr, data = cfg.trainer, cfg.data
     if isinstance(tr.max_epochs, bool) or not isinstance(tr.max_epochs, int) or tr.max_epochs < 1:
         raise ValueError(f"trainer.max_epochs={tr.max_epochs!r}: must be a whole number >= 1")
+    check_durations(tr)
     if not isinstance(data.batch_size, int) or not 1 <= data.batch_size <= n_images:
         raise ValueError(f"data.batch_size={data.batch_size!r}: must be between 1 and the "
                          f"{n_images} training images used (data.limit={data.limit})")
@@ -139,7 +143,7 @@ def pretrain(cfg: DictConfig) -> Path:
     tr = cfg.trainer
     clock = TrainingClock()
     trainer = pl.Trainer(
-        max_epochs=tr.max_epochs, max_time=tr.max_time, accelerator=tr.accelerator,
+        max_epochs=tr.max_epochs, accelerator=tr.accelerator,
         devices=tr.devices, num_nodes=tr.num_nodes, strategy=tr.strategy,
         sync_batchnorm=tr.sync_batchnorm, precision=tr.precision, benchmark=tr.cudnn_benchmark,
         log_every_n_steps=tr.log_every_n_steps, limit_train_batches=tr.limit_train_batches,
@@ -147,7 +151,8 @@ def pretrain(cfg: DictConfig) -> Path:
         enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                    enable_version_counter=False),  # last.ckpt every epoch
-                   LearningRateMonitor(logging_interval="step"), clock])
+                   LearningRateMonitor(logging_interval="step"), clock,
+                   *time_limits(tr.max_time, tr.time_budget)])
     if tr.channels_last:
         module = module.to(memory_format=torch.channels_last)
 
@@ -156,12 +161,18 @@ def pretrain(cfg: DictConfig) -> Path:
     commit = git_commit()  # the code this run starts with, even if the tree changes meanwhile
     trainer.fit(module, make_loader(cfg, images), ckpt_path=resume_from)
     wall, wall_all = clock.this_invocation, clock.seconds
-    ended_by = "epochs" if trainer.current_epoch >= tr.max_epochs else "time cap"
+    ended_by = ("epochs" if trainer.current_epoch >= tr.max_epochs
+                else "time budget" if budget_spent(trainer) else "time cap")
+    if ended_by == "time budget" and trainer.is_global_zero:
+        print(f"\ntrainer.time_budget={tr.time_budget} ended {name} after "
+              f"{trainer.current_epoch} of {tr.max_epochs} epochs, its schedules annealed over "
+              "that time, as configured. Running the command again trains no further.",
+              flush=True)
     if ended_by == "time cap" and trainer.is_global_zero:
-        print(f"\nWARNING: trainer.max_time={tr.max_time} stopped {name} after "
-              f"{trainer.current_epoch} of {tr.max_epochs} epochs: this backbone is NOT the one "
-              "the command describes. Run the same command again to train the remaining epochs "
-              "(it resumes from last.ckpt).", flush=True)
+        print(f"\nWARNING: trainer.max_time={tr.max_time} stopped this invocation of {name} "
+              f"after {trainer.current_epoch} of {tr.max_epochs} epochs: this backbone is NOT "
+              "yet the one the command describes. Run the same command again to train the "
+              "remaining epochs (it resumes from last.ckpt, on the same schedule).", flush=True)
     if trainer.is_global_zero:
         export_backbone(module, cfg, ckpt_dir / BACKBONE_FILE)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

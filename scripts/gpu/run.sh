@@ -5,8 +5,8 @@
 #   1. install the carried wheels into /tmp/site; verify the carried data; build the label DB
 #   2. benchmarks/bench_pretrain.py --preset gpu: (a) shipped step, (b) compute limit,
 #      (c) per-image lightly transforms, side by side
-#   3. fewlabels pretrain preset=gpu with trainer.max_time=TRAIN_S: the preset's epochs, or fewer
-#      when the time cap comes first (the learning-rate schedule follows whichever ends the run)
+#   3. fewlabels pretrain preset=gpu with trainer.time_budget=TRAIN_S: the preset's epochs, or
+#      fewer when the budget comes first (the learning-rate schedule follows whichever ends the run)
 #   4. fewlabels probe n=100 (random, 3 seeds, all probes), then more probes while time is left
 #   5. fewlabels finetune (FixMatch, n=250, one seed, FT_STEPS steps) when FT_NEED_S are left
 #
@@ -90,10 +90,10 @@ stage "bench-pretrain (preset=$PRESET, $BENCH_STEPS steps)"
 pack
 
 stage "pretrain $RUN (~${TRAIN_S}s of training)"
-MAX_TIME=$(printf "00:00:%02d:%02d" $((TRAIN_S / 60)) $((TRAIN_S % 60)))
-echo "= make pretrain PRESET=$PRESET METHOD=$METHOD ARGS=\"run_name=$RUN trainer.max_time=$MAX_TIME $EXTRA\""
+TIME_BUDGET=$(printf "00:00:%02d:%02d" $((TRAIN_S / 60)) $((TRAIN_S % 60)))
+echo "= make pretrain PRESET=$PRESET METHOD=$METHOD ARGS=\"run_name=$RUN trainer.time_budget=$TIME_BUDGET $EXTRA\""
 # shellcheck disable=SC2086  # EXTRA holds several overrides
-fl pretrain method="$METHOD" preset="$PRESET" run_name="$RUN" trainer.max_time="$MAX_TIME" $EXTRA
+fl pretrain method="$METHOD" preset="$PRESET" run_name="$RUN" trainer.time_budget="$TIME_BUDGET" $EXTRA
 pack
 
 probe() {  # strategy n: skipped when less time is left than the last probe took, plus margin
