@@ -120,6 +120,28 @@ def test_active_rounds_stay_in_budget_record_rounds_and_write_the_curve(tiny_che
     assert out.with_suffix(".csv").read_text() == before
 
 
+def test_finished_rounds_carried_to_another_database_need_their_ledger(tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """Round folders carried to another machine (a fresh clone, a new label database) are read
+    back only where the database holds their queries: first a clear error, then, once the ledger
+    of the machine that made them is imported, the same rows without training or new queries."""
+    from fewlabels.oracle import LabelDatabaseError
+    from fewlabels.oracle.database import export_ledger, import_ledger
+
+    cfg = active_config(tiny_checkpoint, tmp_path)
+    summary = active(cfg)
+    ledger = export_ledger()
+    run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{tmp_path / 'elsewhere.sqlite'}")
+    monkeypatch.setattr(active_module, "fit", lambda *a, **k: pytest.fail("trained again"))
+    with pytest.raises(LabelDatabaseError, match=r"round0.*10 labels.*has 0.*oracle import"):
+        active(cfg)
+    import_ledger(ledger)
+    again = active(cfg)
+    assert again["rows"] == summary["rows"]
+    assert {s.run_id: s.labels_revealed for s in stats()} == {run.oracle_run_id: 30}
+
+
 def test_a_killed_loop_resumes_in_its_round_and_adds_no_queries(tiny_checkpoint, tmp_path,
                                                                  monkeypatch):
     cfg = active_config(tiny_checkpoint, tmp_path)

@@ -395,6 +395,18 @@ def test_a_changed_configuration_is_not_read_back_as_the_old_result(tiny_checkpo
     assert result["steps"] == 5
 
 
+def test_a_finished_seed_is_read_back_only_where_its_labels_are_on_record(tiny_checkpoint,
+                                                                           tmp_path, monkeypatch):
+    from fewlabels.oracle import LabelDatabaseError
+
+    cfg = finetune_config(tiny_checkpoint, tmp_path, "n=20", "seeds=1", "algorithm=supervised",
+                          "trainer.steps=5")
+    (result,) = finetune(cfg)
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{tmp_path / 'elsewhere.sqlite'}")
+    with pytest.raises(LabelDatabaseError, match=r"finetune-.*json.*20 labels.*has 0.*import"):
+        finetune(cfg)
+
+
 def test_report_never_averages_different_configurations(tmp_path, capsys):
     from fewlabels.semisup.report import report
 

@@ -67,6 +67,20 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch, tiny_config):
     assert epochs == [0, 1]  # the resumed invocation logged only the epoch it trained
 
 
+def test_a_shipped_backbone_without_training_state_is_never_overwritten(tmp_path, tiny_config):
+    """A finished backbone folder without last.ckpt (shipped in git, or copied) cannot be resumed:
+    the same command says so before it writes anything, instead of training over it."""
+    folder = tmp_path / "ckpt" / "simclr-tiny-seed0"
+    folder.mkdir(parents=True)
+    (folder / "backbone.safetensors").write_bytes(b"the shipped weights")
+    (folder / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ValueError, match="without its training state.*run_name=<another name>"):
+        pretrain(tiny_config(tmp_path, "trainer.max_epochs=1"))
+    assert (folder / "backbone.safetensors").read_bytes() == b"the shipped weights"
+    assert {p.name for p in folder.iterdir()} == {"backbone.safetensors", "config.yaml"}
+    assert (folder / "config.yaml").read_text() == "seed: 0\n"
+
+
 def test_precision_auto_is_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")

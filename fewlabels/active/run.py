@@ -58,7 +58,7 @@ from fewlabels.models.checkpoint import (
     weights_metadata,
 )
 from fewlabels.names import safe_name
-from fewlabels.oracle import Oracle
+from fewlabels.oracle import Oracle, check_recorded
 from fewlabels.probe.features import features
 from fewlabels.probe.select import select
 from fewlabels.runtime import git_commit, hardware, resolve_precision, wall_time_s
@@ -317,6 +317,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
         done = run.folder / f"round{k}" / ROUND_FILE
         if done.is_file():  # finished before: read back, whether trained or copied
             result = json.loads(done.read_text())
+            check_recorded(run.oracle_run_id, result["n_queries"], done)
         elif k < len(sources):
             result = _copy_round(cfg, run, k, sources[k], labeled)
         else:

@@ -5,6 +5,7 @@ from fewlabels.oracle.database import (
     LabelDatabaseError,
     Oracle,
     RunStats,
+    check_recorded,
     default_url,
     distinct_ids_revealed,
     ensure_database,
@@ -13,7 +14,7 @@ from fewlabels.oracle.database import (
 )
 
 __all__ = [
-    "BudgetExceeded", "LabelDatabaseError", "Oracle", "RunStats", "default_url",
+    "BudgetExceeded", "LabelDatabaseError", "Oracle", "RunStats", "check_recorded", "default_url",
     "distinct_ids_revealed", "ensure_database", "init_database",
     "stats",
 ]

@@ -448,7 +448,24 @@ def distinct_ids_revealed(run_ids: Iterable[str], url: str | None = None) -> int
         store.close()
 
 
+def check_recorded(run_id: str, n_queries: int, where: str | Path, url: str | None = None,
+                   ) -> None:
+    """A finished result read back from ``where`` reports ``n_queries`` labels of ``run_id``: this
+    database must hold them on record, or the count it reports would not be this database's (its
+    folder came from another machine, or the database was built anew). The fix: import the ledger
+    that recorded them, or run it again."""
+    have = distinct_ids_revealed([run_id], url)
+    if have < n_queries:
+        raise LabelDatabaseError(
+            f"{where} is a finished result of run {run_id!r} that used {n_queries} labels, but "
+            f"the label database ({url or default_url()}) has {have} of them on record. Import "
+            "the ledger that recorded them ('fewlabels oracle import FILE', written by "
+            "'fewlabels oracle export' where the run was made), or move the result away to run "
+            "it again")
+
+
 __all__ = ["BACKENDS", "BudgetExceeded", "LabelDatabaseError", "Oracle", "RunStats",
-           "SCHEMA_VERSION", "distinct_ids_revealed", "ensure_database", "export_ledger",
+           "SCHEMA_VERSION", "check_recorded", "distinct_ids_revealed", "ensure_database",
+           "export_ledger",
            "import_ledger", "init_database",
            "open_store", "stats"]

@@ -45,7 +45,7 @@ from fewlabels.models.checkpoint import (
     save_weights,
 )
 from fewlabels.names import safe_name
-from fewlabels.oracle import Oracle
+from fewlabels.oracle import Oracle, check_recorded
 from fewlabels.probe.features import features
 from fewlabels.probe.select import check_strategy, select
 from fewlabels.runtime import (
@@ -240,6 +240,7 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
     if run.result_file.is_file() and (run.folder / CLASSIFIER_FILE).is_file():
         result = json.loads(run.result_file.read_text())
         if result.get("ended_by") == "steps":
+            check_recorded(run.oracle_run_id, result["n_queries"], run.result_file)
             print(f"  seed {seed}: finished before ({run.result_file}), not trained again")
             return result
     run.folder.mkdir(parents=True, exist_ok=True)

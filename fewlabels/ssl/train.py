@@ -122,6 +122,11 @@ def pretrain(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed, workers=True)
     name = run_name(cfg)
     ckpt_dir = Path(cfg.checkpoint_dir) / name
+    if (ckpt_dir / BACKBONE_FILE).is_file() and not (ckpt_dir / LAST_FILE).is_file():
+        raise ValueError(f"{ckpt_dir} holds a finished backbone without its training state "
+                         f"({LAST_FILE}): shipped or copied, it cannot be resumed, and training "
+                         f"it again would overwrite it. Use it as it is (CKPT={ckpt_dir}), or "
+                         "pass run_name=<another name> to train a new one")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     cfg.trainer.precision = resolve_precision(cfg.trainer)  # saved and logged as resolved
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # a killed save leaves its temporary file
