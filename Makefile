@@ -5,6 +5,7 @@ PY        := $(VENV)/bin/python
 FEWLABELS := $(VENV)/bin/fewlabels
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
 DATASET_DIR := /usr/share/datasets/fashion-mnist
+LEDGER      := checkpoints/ledger.json
 
 METHOD   ?= simclr
 PRESET   ?=
@@ -19,12 +20,13 @@ COLD     ?= typiclust
 SELECT   ?= margin
 CKPT     ?=
 ARGS     ?=
+RUNS     ?=
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 # curve / search with a fine-tuned learner (LEARNER=supervised|fixmatch|...) instead of probes
 LEARNER  ?=
 LEARNER_ARG = $(if $(LEARNER),learner=$(LEARNER))
 
-.PHONY: setup data postgres test lint pretrain finetune active report probe curve search stats bench-pretrain \
+.PHONY: setup data postgres keep test lint pretrain finetune active report probe curve search stats bench-pretrain \
 	bench-precision bench-finetune bench-capacity bench-probcover gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data postgres
@@ -41,6 +43,14 @@ data: $(VENV)/.installed
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "apt-get could not install dataset-fashion-mnist; downloading instead"; fi
 	$(FEWLABELS) data prepare
+	@if [ -f $(LEDGER) ]; then $(FEWLABELS) oracle import $(LEDGER); fi
+
+# Carry runs to a fresh clone on another machine, in git (README, "Carrying runs to another
+# machine"): stages the files scripts/keep.py names and the ledger, which `make setup` imports.
+keep: $(VENV)/.installed
+	@test -n "$(RUNS)" || { echo 'keep: give RUNS="checkpoints/<run> checkpoints/finetuned/active-<run>-seed<S> ..."'; exit 2; }
+	files="$$($(PY) scripts/keep.py $(RUNS))" && $(FEWLABELS) oracle export --out $(LEDGER) \
+		&& git add -f $(LEDGER) $$files && echo "staged $(LEDGER) and $$(echo "$$files" | wc -l) files"
 
 # PostgreSQL's server binaries (initdb, pg_ctl): the label-database tests start a throwaway cluster.
 postgres:

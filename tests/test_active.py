@@ -120,25 +120,63 @@ def test_active_rounds_stay_in_budget_record_rounds_and_write_the_curve(tiny_che
     assert out.with_suffix(".csv").read_text() == before
 
 
-def test_finished_rounds_carried_to_another_database_need_their_ledger(tiny_checkpoint, tmp_path,
-                                                                        monkeypatch):
-    """Round folders carried to another machine (a fresh clone, a new label database) are read
-    back only where the database holds their queries: first a clear error, then, once the ledger
-    of the machine that made them is imported, the same rows without training or new queries."""
+def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """What ``make keep`` puts in git (scripts/keep.py), copied into an empty checkpoint folder
+    with a new label database, as a fresh clone on another machine would have them: the finished
+    rounds are refused until the ledger is imported, then read back, and the round the kill
+    interrupted trains from the kept model without buying anything new."""
+    import importlib.util
+    import shutil
+
     from fewlabels.oracle import LabelDatabaseError
     from fewlabels.oracle.database import export_ledger, import_ledger
 
+    spec = importlib.util.spec_from_file_location(
+        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
+    keep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keep)
+
     cfg = active_config(tiny_checkpoint, tmp_path)
-    summary = active(cfg)
+    real_fit = active_module.fit
+
+    def dies_in_round_2(*args, **kwargs):
+        if "round 2" in args[4]:
+            raise KeyboardInterrupt  # the end of a session, after round 2's ids were bought
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(active_module, "fit", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        active(cfg)
     ledger = export_ledger()
     run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
-    monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{tmp_path / 'elsewhere.sqlite'}")
-    monkeypatch.setattr(active_module, "fit", lambda *a, **k: pytest.fail("trained again"))
+    kept = keep.files_to_keep(run.folder)
+    assert sorted(str(p.relative_to(run.folder)) for p in kept) == [
+        "config.yaml", "round0/round.json", "round0/selection.json", "round1/model.safetensors",
+        "round1/round.json", "round1/selection.json", "round2/selection.json"]
+    backbone_files = keep.files_to_keep(tiny_checkpoint)
+    assert {p.name for p in backbone_files} == {"backbone.safetensors", "config.yaml",
+                                                "provenance.json"}
+
+    clone = tmp_path / "clone"
+    for path in kept:
+        target = clone / "ckpt" / path.relative_to(tmp_path / "ckpt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    for path in backbone_files:
+        (clone / "backbones" / tiny_checkpoint.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, clone / "backbones" / tiny_checkpoint.name / path.name)
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{clone / 'labels.sqlite'}")
+    carried = active_config(clone / "backbones" / tiny_checkpoint.name, clone)
+    trained = []
+    monkeypatch.setattr(active_module, "fit", lambda *a, **k: (trained.append(a[4]),
+                                                               real_fit(*a, **k))[1])
     with pytest.raises(LabelDatabaseError, match=r"round0.*10 labels.*has 0.*oracle import"):
-        active(cfg)
+        active(carried)
     import_ledger(ledger)
-    again = active(cfg)
-    assert again["rows"] == summary["rows"]
+    summary = active(carried)
+    assert [t.split()[-1] for t in trained] == ["2"]
+    assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
     assert {s.run_id: s.labels_revealed for s in stats()} == {run.oracle_run_id: 30}
 
 

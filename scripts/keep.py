@@ -1,0 +1,69 @@
+"""The files of a run that `make keep` puts in git, so that the run continues in a fresh clone on
+another machine (checkpoints/ is ignored, and a work tree laid anew loses it):
+
+- a pretrained backbone folder: ``backbone.safetensors``, ``config.yaml``, ``provenance.json``
+  (what probes, fine-tuning and active rounds read; not ``last.ckpt``, so it is never trained
+  further: ``make pretrain`` refuses to train over it);
+- an active seed folder (``checkpoints/finetuned/active-…-seed<S>``): its ``config.yaml``, every
+  round's ``selection.json`` and ``round.json`` (a round with it is read back, not trained), and
+  the ``model.safetensors`` of its last finished round (what the next round starts from and
+  scores the pool with). Training state and the other rounds' models stay out: a few MB in all.
+
+The ledger of the labels those rounds were told (``checkpoints/ledger.json``) goes with them;
+``make setup`` imports it, and a finished round is read back only where the database holds it.
+Usage: python scripts/keep.py FOLDER [FOLDER ...]   (prints the paths to add, one a line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fewlabels.active.run import ROUND_FILE, SELECTION_FILE
+from fewlabels.models.checkpoint import (
+    BACKBONE_FILE,
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    PROVENANCE_FILE,
+)
+
+
+def files_to_keep(folder: Path) -> list[Path]:
+    """The files of ``folder`` that carry it to another machine; ValueError for any other
+    folder."""
+    if (folder / BACKBONE_FILE).is_file():
+        return [folder / name for name in (BACKBONE_FILE, CONFIG_FILE, PROVENANCE_FILE)
+                if (folder / name).is_file()]
+    rounds = sorted((p for p in folder.glob("round*") if p.name[5:].isdigit()),
+                    key=lambda p: int(p.name[5:]))
+    if not (folder / CONFIG_FILE).is_file() or not rounds:
+        raise ValueError(f"{folder} is neither a pretrained backbone folder (with "
+                         f"{BACKBONE_FILE}) nor an active seed folder (with {CONFIG_FILE} and "
+                         "round<k>/): give checkpoints/<run> or "
+                         "checkpoints/finetuned/active-<run>-seed<S>")
+    kept = [folder / CONFIG_FILE]
+    finished = [r for r in rounds if (r / ROUND_FILE).is_file()]
+    for r in rounds:
+        kept += [r / name for name in (SELECTION_FILE, ROUND_FILE) if (r / name).is_file()]
+    if finished:
+        kept.append(finished[-1] / CLASSIFIER_FILE)
+    return kept
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path)
+    args = parser.parse_args()
+    try:
+        paths = [p for folder in args.folders for p in files_to_keep(folder)]
+    except ValueError as err:
+        print(f"keep: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
