@@ -454,11 +454,15 @@ def check_recorded(run_id: str, n_queries: int, where: str | Path, url: str | No
     database must hold them on record, or the count it reports would not be this database's (its
     folder came from another machine, or the database was built anew). The fix: import the ledger
     that recorded them, or run it again."""
-    have = distinct_ids_revealed([run_id], url)
+    store = open_store(url)
+    try:
+        have, location = store.distinct([run_id]), store.location  # no password in a location
+    finally:
+        store.close()
     if have < n_queries:
         raise LabelDatabaseError(
             f"{where} is a finished result of run {run_id!r} that used {n_queries} labels, but "
-            f"the label database ({url or default_url()}) has {have} of them on record. Import "
+            f"the label database {location} has {have} of them on record. Import "
             "the ledger that recorded them ('fewlabels oracle import FILE', written by "
             "'fewlabels oracle export' where the run was made), or move the result away to run "
             "it again")
