@@ -261,9 +261,9 @@ def test_a_time_capped_round_is_not_taken_for_done(tiny_checkpoint, tmp_path):
 
 def test_warm_rounds_start_from_the_last_model_and_self_training_renews_its_teacher(
         tiny_checkpoint, tmp_path, monkeypatch):
-    """The README's 90% comes from self-training in the rounds: a warm round must begin with the
-    last round's saved model, and its students must learn from a teacher taken from that model
-    (not the fresh head the teacher is built with)."""
+    """The 2,500-label 90% (README, "Results") comes from self-training in the rounds: a warm
+    round must begin with the last round's saved model, and its students must learn from a
+    teacher taken from that model (not the fresh head the teacher is built with)."""
     cfg = active_config(tiny_checkpoint, tmp_path, "algorithm=selftrain", "trainer.steps=20")
     real_fit = active_module.fit
     seen = []

@@ -20,7 +20,7 @@ the batches seen so far, with no weight left on a starting value. The paper star
 mean confidence of 1/C and a variance of 1 and runs 2^20 steps, after which that start is long
 forgotten; in a 3,000-step run with momentum 0.999 it would still weigh 0.999^1500 = 22% at
 half-way, and the variance's start of 1 would give nearly every pseudo-label a weight of about 1
-(the README gives the run that showed it). They are buffers, so a resumed run continues with
+(docs/results.md gives the run that showed it). They are buffers, so a resumed run continues with
 them. ``train/mask_rate`` is the mean weight.
 """
 
