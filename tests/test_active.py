@@ -163,11 +163,12 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
         target = clone / "ckpt" / path.relative_to(tmp_path / "ckpt")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
+    backbone = clone / "backbones" / tiny_checkpoint.name
+    backbone.mkdir(parents=True)
     for path in backbone_files:
-        (clone / "backbones" / tiny_checkpoint.name).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, clone / "backbones" / tiny_checkpoint.name / path.name)
+        shutil.copyfile(path, backbone / path.name)
     monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{clone / 'labels.sqlite'}")
-    carried = active_config(clone / "backbones" / tiny_checkpoint.name, clone)
+    carried = active_config(backbone, clone)
     trained = []
     monkeypatch.setattr(active_module, "fit", lambda *a, **k: (trained.append(a[4]),
                                                                real_fit(*a, **k))[1])
