@@ -47,6 +47,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
+def step_seed(seed: int, *counters: int) -> int:
+    """One 63-bit seed for (a run's seed, its epoch or step, its rank, ...): distinct counters
+    give unrelated streams, the same counters the same stream, in any process."""
+    mixed = seed
+    for counter in counters:
+        mixed = (mixed * 6364136223846793005 + counter * 1442695040888963407 + 1) % 2**63
+    return mixed
+
+
+class StepSeeds(pl.Callback):
+    """Seeds torch's global generator before every training step from (run seed, step, rank).
+    The random numbers a step draws (the views made on the training device, dropout) are then a
+    function of the step alone, so a run killed and resumed from ``last.ckpt`` trains exactly as
+    one that never stopped, instead of replaying the draws of step 0 after every resume."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.seed, trainer.global_step, trainer.global_rank))
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A random order of ``n`` indices that depends on (seed, epoch) only. Lightning calls
+    ``set_epoch`` at every epoch's start (as for ``DistributedSampler``, which replaces it under
+    DDP), so a resumed run shuffles its remaining epochs as an uninterrupted one would."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(step_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class TrainingClock(pl.Callback):
     """A run's wall time over all its invocations: the seconds recorded in the checkpoint it
     resumed from plus this invocation's. It is saved in every ``last.ckpt``, so a run killed and

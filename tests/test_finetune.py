@@ -442,3 +442,39 @@ def test_report_wall_time_counts_every_invocation_of_a_resumed_run(tmp_path):
             "ended_by": "steps", **times}))
     (row,) = rows(tmp_path)
     assert row["wall_min"] == pytest.approx((600 + 60) / 2 / 60)
+
+
+def test_a_killed_and_resumed_run_ends_with_the_model_of_one_never_stopped(tiny_checkpoint,
+                                                                          tmp_path,
+                                                                          subprocess_env):
+    """Every step's batches and views are drawn from (seed, step) alone: a run killed and
+    resumed from its last.ckpt ends with the same classifier, bit for bit, as one never stopped."""
+    from safetensors.torch import load_file
+
+    script = Path(sys.executable).parent / "fewlabels"
+    args = [str(script), "finetune", "preset=tiny", f"checkpoint={tiny_checkpoint}",
+            f"checkpoint_dir={tmp_path / 'ckpt'}", f"results_dir={tmp_path / 'results'}",
+            f"logger.dir={tmp_path}", "n=20", "seeds=1", "algorithm=fixmatch",
+            "trainer.steps=60", "trainer.steps_per_epoch=5"]
+    env = subprocess_env(WANDB_MODE="disabled")
+    proc = subprocess.Popen([*args, "run_tag=killed-"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while (not list((tmp_path / "ckpt" / "finetuned").glob("killed-*/last.ckpt"))
+           and proc.poll() is None and time.time() < deadline):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    for tag in ("killed-", "straight-"):
+        done = subprocess.run([*args, f"run_tag={tag}"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    results = {f.name.split("-")[1]: json.loads(f.read_text())
+               for f in (tmp_path / "results").glob("finetune-*.json")}
+    assert results["killed"]["resumed_from_step"] > 0  # it was resumed
+    assert results["straight"]["resumed_from_step"] == 0
+    assert results["killed"]["test_accuracy"] == results["straight"]["test_accuracy"]
+    (killed,), (straight,) = ((tmp_path / "ckpt" / "finetuned").glob(f"{tag}*/{CLASSIFIER_FILE}")
+                              for tag in ("killed-", "straight-"))
+    a, b = load_file(str(killed)), load_file(str(straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -314,3 +314,36 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, subprocess_env):
     steps = [row["trainer/global_step"] for row in second["history"]
              if "trainer/global_step" in row]
     assert steps and min(steps) >= saved["global_step"]  # it trained only what was left
+
+
+def _kill_at_first_checkpoint(args: list[str], folder: Path, env: dict[str, str]) -> None:
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (folder / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+
+
+def test_a_killed_and_resumed_run_ends_with_the_weights_of_one_never_stopped(tmp_path,
+                                                                            subprocess_env):
+    """The shuffle and the views of every step are drawn from (seed, epoch or step) alone, so a
+    resume does not replay the draws of its first epoch: the backbone is the same bit for bit."""
+    script = Path(sys.executable).parent / "fewlabels"
+    args = [str(script), "pretrain", "preset=tiny", "data.limit=128", "data.batch_size=32",
+            "trainer.max_epochs=8", f"checkpoint_dir={tmp_path / 'ckpt'}",
+            f"logger.dir={tmp_path}"]
+    env = subprocess_env(WANDB_MODE="disabled")
+    killed = tmp_path / "ckpt" / "killed"
+    _kill_at_first_checkpoint([*args, "run_name=killed"], killed, env)
+    for name in ("killed", "straight"):
+        done = subprocess.run([*args, f"run_name={name}"], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    provenance = json.loads((killed / "provenance.json").read_text())
+    assert provenance["resumed_from"] == str(killed / "last.ckpt")  # it was resumed
+    assert provenance["epochs_completed"] == 8
+    resumed = load_file(str(killed / "backbone.safetensors"))
+    straight = load_file(str(tmp_path / "ckpt" / "straight" / "backbone.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)

@@ -50,6 +50,7 @@ from fewlabels.probe.features import features
 from fewlabels.probe.select import check_strategy, select
 from fewlabels.runtime import (
     AtomicCheckpointIO,
+    StepSeeds,
     TrainingClock,
     check_durations,
     git_commit,
@@ -216,7 +217,7 @@ def fit(cfg: DictConfig, learner: Learner, folder: Path, logger: Any, name: str)
         callbacks=[ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1,
                                    enable_version_counter=False),
                    LearningRateMonitor(logging_interval="step"), clock,
-                   *time_limits(tr.max_time)])
+                   StepSeeds(learner.batches.seed), *time_limits(tr.max_time)])
     last = folder / LAST_FILE
     trainer.fit(learner, torch.utils.data.DataLoader(range(tr.steps_per_epoch), batch_size=None),
                 ckpt_path=last if last.is_file() else None)

@@ -31,6 +31,8 @@ from fewlabels.models.checkpoint import (
 from fewlabels.names import safe_name
 from fewlabels.runtime import (
     AtomicCheckpointIO,
+    EpochShuffle,
+    StepSeeds,
     TrainingClock,
     budget_spent,
     check_durations,
@@ -82,11 +84,13 @@ def make_loader(cfg: DictConfig, images: np.ndarray) -> DataLoader:
     data = cfg.data
     if data.augment == "batched":  # views are made on the training device in training_step
         return DataLoader(UnlabeledImages(torch.from_numpy(images)), batch_size=data.batch_size,
-                          shuffle=True, drop_last=True, collate_fn=_as_batch,
+                          sampler=EpochShuffle(len(images), cfg.seed), drop_last=True,
+                          collate_fn=_as_batch,
                           pin_memory=torch.cuda.is_available())
     if data.augment == "per_image":
         return DataLoader(TwoViewImages(images, per_image_two_views(cfg.augment)),
-                          batch_size=data.batch_size, shuffle=True, drop_last=True,
+                          batch_size=data.batch_size, sampler=EpochShuffle(len(images), cfg.seed),
+                          drop_last=True,
                           num_workers=data.num_workers,
                           persistent_workers=data.num_workers > 0)
     raise ValueError(f"data.augment={data.augment!r}: use 'batched' or 'per_image'")
@@ -156,7 +160,7 @@ def pretrain(cfg: DictConfig) -> Path:
         enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                    enable_version_counter=False),  # last.ckpt every epoch
-                   LearningRateMonitor(logging_interval="step"), clock,
+                   LearningRateMonitor(logging_interval="step"), clock, StepSeeds(cfg.seed),
                    *time_limits(tr.max_time, tr.time_budget)])
     if tr.channels_last:
         module = module.to(memory_format=torch.channels_last)
