@@ -45,6 +45,15 @@ def finetune_config(ckpt: Path, tmp: Path, *overrides: str):
                                 f"logger.dir={tmp}", *overrides])
 
 
+def finetune_command(ckpt: Path, tmp: Path, *overrides: str) -> list[str]:
+    """``fewlabels finetune`` of one tiny FixMatch seed on 20 labels, checkpointed every 5 steps,
+    as a child process runs it (to be killed)."""
+    return [str(Path(sys.executable).parent / "fewlabels"), "finetune", "preset=tiny",
+            f"checkpoint={ckpt}", f"checkpoint_dir={tmp / 'ckpt'}",
+            f"results_dir={tmp / 'results'}", f"logger.dir={tmp}", "n=20", "seeds=1",
+            "algorithm=fixmatch", "trainer.steps_per_epoch=5", *overrides]
+
+
 def tiny_learner(cls, steps: int = 10, **kwargs):
     images = torch.from_numpy(load_train_images().images[:256])
     labels = torch.arange(32) % 10
@@ -215,11 +224,7 @@ def test_unknown_algorithm_is_a_config_error(tiny_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_and_adds_no_queries(tiny_checkpoint, tmp_path, subprocess_env):
-    script = Path(sys.executable).parent / "fewlabels"
-    args = [str(script), "finetune", "preset=tiny", f"checkpoint={tiny_checkpoint}",
-            f"checkpoint_dir={tmp_path / 'ckpt'}", f"results_dir={tmp_path / 'results'}",
-            f"logger.dir={tmp_path}", "n=20", "seeds=1", "algorithm=fixmatch",
-            "trainer.steps=400", "trainer.steps_per_epoch=5"]
+    args = finetune_command(tiny_checkpoint, tmp_path, "trainer.steps=400")
     env = subprocess_env(WANDB_MODE="disabled")
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -451,11 +456,7 @@ def test_a_killed_and_resumed_run_ends_with_the_model_of_one_never_stopped(tiny_
     resumed from its last.ckpt ends with the same classifier, bit for bit, as one never stopped."""
     from safetensors.torch import load_file
 
-    script = Path(sys.executable).parent / "fewlabels"
-    args = [str(script), "finetune", "preset=tiny", f"checkpoint={tiny_checkpoint}",
-            f"checkpoint_dir={tmp_path / 'ckpt'}", f"results_dir={tmp_path / 'results'}",
-            f"logger.dir={tmp_path}", "n=20", "seeds=1", "algorithm=fixmatch",
-            "trainer.steps=60", "trainer.steps_per_epoch=5"]
+    args = finetune_command(tiny_checkpoint, tmp_path, "trainer.steps=60")
     env = subprocess_env(WANDB_MODE="disabled")
     proc = subprocess.Popen([*args, "run_tag=killed-"], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
