@@ -72,8 +72,9 @@ class StepSeeds(pl.Callback):
 
 class EpochShuffle(torch.utils.data.Sampler[int]):
     """A random order of ``n`` indices that depends on (seed, epoch) only. Lightning calls
-    ``set_epoch`` at every epoch's start (as for ``DistributedSampler``, which replaces it under
-    DDP), so a resumed run shuffles its remaining epochs as an uninterrupted one would."""
+    ``set_epoch`` at every epoch's start (as for ``DistributedSampler``; under DDP its
+    ``DistributedSamplerWrapper`` passes the epoch on and shards this order), so a resumed run
+    shuffles its remaining epochs as an uninterrupted one would."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0

@@ -4,6 +4,8 @@ label database per test in a temporary folder."""
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +43,24 @@ def _subprocess_env() -> Callable[..., dict[str, str]]:
         return {**env, **extra}
 
     return make
+
+
+@pytest.fixture(name="kill_when")
+def _kill_when() -> Callable[..., None]:
+    """``kill_when(args, ready, env, cwd)``: start a child process and kill it (SIGKILL) as soon
+    as ``ready()`` is true, or when it ends by itself first (5 minutes at most)."""
+
+    def kill(args: list[str], ready: Callable[[], bool], env: dict[str, str],
+             cwd: Path | None = None) -> None:
+        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not ready() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+
+    return kill
 
 
 @pytest.fixture(scope="session")

@@ -451,21 +451,17 @@ def test_report_wall_time_counts_every_invocation_of_a_resumed_run(tmp_path):
 
 def test_a_killed_and_resumed_run_ends_with_the_model_of_one_never_stopped(tiny_checkpoint,
                                                                           tmp_path,
-                                                                          subprocess_env):
+                                                                          subprocess_env,
+                                                                          kill_when):
     """Every step's batches and views are drawn from (seed, step) alone: a run killed and
     resumed from its last.ckpt ends with the same classifier, bit for bit, as one never stopped."""
     from safetensors.torch import load_file
 
     args = finetune_command(tiny_checkpoint, tmp_path, "trainer.steps=60")
     env = subprocess_env(WANDB_MODE="disabled")
-    proc = subprocess.Popen([*args, "run_tag=killed-"], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while (not list((tmp_path / "ckpt" / "finetuned").glob("killed-*/last.ckpt"))
-           and proc.poll() is None and time.time() < deadline):
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    kill_when([*args, "run_tag=killed-"],
+              lambda: any((tmp_path / "ckpt" / "finetuned").glob("killed-*/last.ckpt")), env,
+              tmp_path)
     for tag in ("killed-", "straight-"):
         done = subprocess.run([*args, f"run_tag={tag}"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)

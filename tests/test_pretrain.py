@@ -316,17 +316,9 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, subprocess_env):
     assert steps and min(steps) >= saved["global_step"]  # it trained only what was left
 
 
-def _kill_at_first_checkpoint(args: list[str], folder: Path, env: dict[str, str]) -> None:
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (folder / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-
-
 def test_a_killed_and_resumed_run_ends_with_the_weights_of_one_never_stopped(tmp_path,
-                                                                            subprocess_env):
+                                                                            subprocess_env,
+                                                                            kill_when):
     """The shuffle and the views of every step are drawn from (seed, epoch or step) alone, so a
     resume does not replay the draws of its first epoch: the backbone is the same bit for bit."""
     script = Path(sys.executable).parent / "fewlabels"
@@ -335,7 +327,7 @@ def test_a_killed_and_resumed_run_ends_with_the_weights_of_one_never_stopped(tmp
             f"logger.dir={tmp_path}"]
     env = subprocess_env(WANDB_MODE="disabled")
     killed = tmp_path / "ckpt" / "killed"
-    _kill_at_first_checkpoint([*args, "run_name=killed"], killed, env)
+    kill_when([*args, "run_name=killed"], (killed / "last.ckpt").exists, env)
     for name in ("killed", "straight"):
         done = subprocess.run([*args, f"run_name={name}"], env=env, capture_output=True,
                               text=True, timeout=600)
