@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fewlabels.config import ConfigError, compose
 from fewlabels.data import load_train_images
@@ -26,12 +27,18 @@ from fewlabels.models import (
     open_checkpoint,
     save_weights,
 )
-from fewlabels.models.checkpoint import KIND_CLASSIFIER
+from fewlabels.models.checkpoint import CONFIG_FILE, KIND_CLASSIFIER
 from fewlabels.oracle import stats
 from fewlabels.semisup import FixMatch, SelfTrain
 from fewlabels.semisup.base import BatchSettings, OptimizerSettings, ema_decay_at
 from fewlabels.semisup.fixmatch import FixMatchSettings
-from fewlabels.semisup.run import PREDICTIONS_FILE, SELECTION_FILE, finetune, seed_run
+from fewlabels.semisup.run import (
+    PREDICTIONS_FILE,
+    SELECTION_FILE,
+    check_same_training,
+    finetune,
+    seed_run,
+)
 from fewlabels.semisup.selftrain import SelfTrainSettings
 from fewlabels.semisup.softmatch import SoftMatch, SoftMatchSettings
 from fewlabels.tracking import read_offline_run
@@ -384,6 +391,20 @@ def test_finetuning_reads_training_labels_only_through_the_database(tiny_checkpo
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "OPENED" not in proc.stdout
     assert len(list((tmp_path / "r").glob("finetune-*.json"))) == 1
+
+
+def test_a_run_trained_in_another_precision_names_both_and_the_override_that_continues_it(
+        tmp_path):
+    trained = finetune_config(tmp_path, tmp_path, "trainer.precision=bf16-mixed")
+    (tmp_path / CONFIG_FILE).write_text(OmegaConf.to_yaml(trained, resolve=True))
+    check_same_training(finetune_config(tmp_path, tmp_path, "trainer.precision=bf16-mixed"),
+                        tmp_path)  # the same settings: continued
+    here = finetune_config(tmp_path, tmp_path, "trainer.precision=32-true")
+    with pytest.raises(ValueError) as refused:
+        check_same_training(here, tmp_path)
+    message = str(refused.value)
+    assert "trainer.precision: 'bf16-mixed' there, '32-true' now" in message
+    assert "pass trainer.precision=bf16-mixed" in message and "run_tag=" in message
 
 
 def test_a_changed_configuration_is_not_read_back_as_the_old_result(tiny_checkpoint, tmp_path):

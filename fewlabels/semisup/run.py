@@ -177,9 +177,23 @@ def check_same_training(cfg: DictConfig, folder: Path,
                          "that seed again") from err
     differ = training_differences(cfg, saved, keys)
     if differ:
-        raise ValueError(f"{folder} was trained with another configuration (differs in "
-                         f"{', '.join(differ)}): pass run_tag=<new name> to train this one "
-                         "apart (it buys its own labels), or move that folder away")
+        before, now = _training_config(saved, keys), _training_config(cfg, keys)
+        shown = ", ".join(f"{k}: {_short(before.get(k))} there, {_short(now[k])} now"
+                          for k in differ)
+        hint = ""
+        if "trainer.precision" in differ:
+            hint = ("; trainer.precision=auto follows the machine (bf16-mixed only where bf16 is "
+                    "native): to continue that run here pass trainer.precision="
+                    f"{before.get('trainer.precision')} (emulated bf16 is slow, "
+                    "`make bench-precision`)")
+        raise ValueError(f"{folder} was trained with another configuration (differs in {shown}): "
+                         "pass run_tag=<new name> to train this one apart (it buys its own "
+                         f"labels), or move that folder away{hint}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def wandb_logger(cfg: DictConfig, folder: Path, name: str, group: str,
