@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fewlabels.active import badge, entropy, margin
 from fewlabels.active import run as active_module
 from fewlabels.active.run import active, active_run
 from fewlabels.config import compose
 from fewlabels.models import open_checkpoint
-from fewlabels.models.checkpoint import CLASSIFIER_FILE, load_classifier
+from fewlabels.models.checkpoint import (
+    CLASSIFIER_FILE,
+    FINETUNED_DIR,
+    load_classifier,
+    weights_metadata,
+)
 from fewlabels.oracle import stats
 from fewlabels.probe.select import select_probcover
 
@@ -236,6 +242,8 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("last_round_fraction=abc", "a number above 0"),
     ("warm_start=false last_round_fraction=1.0", "warm-started last round"),
     ("branch_from=../x", "branch_from"),
+    ("last_round_algorithm=nope", "last_round_algorithm='nope'.*selftrain"),
+    ("budgets=[10] last_round_algorithm=selftrain", "last of two or more rounds"),
     ("branch_from=no-such-run", "holds no finished round of seed 0"),
     ("trainer.max_time=90m", "trainer.max_time.*DD:HH:MM:SS"),
 ])
@@ -338,3 +346,38 @@ def test_a_branch_copies_the_rounds_trained_alike_requeries_them_and_trains_the_
         active(active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
                              f"branch_from={source.name}", "run_tag=third-"))
     assert len(stats()) == 2
+
+
+def test_a_last_round_algorithm_trains_only_the_last_round_and_a_branch_does_not_copy_it(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``last_round_algorithm=selftrain`` after supervised rounds: branched from a run trained
+    with one algorithm throughout, its rounds 0 and 1 are copied, round 2 (bought alike) trains
+    with self-training's own settings, and the run reads back under the same command."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    source_cfg = active_config(tiny_checkpoint, tmp_path)
+    active(source_cfg)
+    ckpt = open_checkpoint(tiny_checkpoint)
+    source = active_run(source_cfg, ckpt, 0)
+    real_fit = active_module.fit
+    learners = []
+
+    def recording_fit(round_cfg, learner, *args, **kwargs):
+        learners.append((type(learner).__name__, round_cfg.algorithm.name))
+        return real_fit(round_cfg, learner, *args, **kwargs)
+
+    monkeypatch.setattr(active_module, "fit", recording_fit)
+    overrides = ("last_round_algorithm=selftrain", f"branch_from={source.name}")
+    summary = active(active_config(tiny_checkpoint, tmp_path, *overrides))
+    assert learners == [("SelfTrain", "selftrain")]
+    assert summary["algorithm"] == "supervised" and summary["last_round_algorithm"] == "selftrain"
+    branch = next(p for p in (tmp_path / "ckpt" / FINETUNED_DIR).iterdir()
+                  if p.name != source.folder.name)
+    assert branch.name == f"{source.name}-selftrain-seed0"
+    rounds = [json.loads((branch / f"round{k}" / "round.json").read_text()) for k in range(3)]
+    assert [r.get("copied_from") is not None for r in rounds] == [True, True, False]
+    assert rounds[2]["algorithm"] == "selftrain" and rounds[2]["n_queries"] == 30
+    assert weights_metadata(branch / "round2" / CLASSIFIER_FILE)["algorithm"] == "selftrain"
+    saved = OmegaConf.load(branch / "config.yaml")
+    assert saved.last_round_algorithm.name == "selftrain" and saved.algorithm.name == "supervised"
+    assert active(active_config(tiny_checkpoint, tmp_path, *overrides))["rows"] == summary["rows"]
+    assert len(learners) == 1  # read back, nothing trained again

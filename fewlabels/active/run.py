@@ -16,6 +16,8 @@ last round longer (the run is then named ``…-b<budgets>-last<steps>``), and ``
 copies the leading rounds of another run that this one would train alike (same checkpoint,
 settings, budgets so far and steps): their ids are queried again under this run's id, so the
 database counts them here too, and their models and test predictions are copied, not retrained.
+``last_round_algorithm=<name>`` trains the last round alone with another algorithm (the run is
+named ``…-<name>``); a branch never copies a round trained with another algorithm.
 Outputs: ``results/active-<run>.csv`` / ``.png`` / ``.json`` (one row per round: the queries the
 database counted, test accuracy mean ± std over seeds) and W&B (a run per round with its confusion
 matrix and the images just bought; a curve run with the table and a line plot).
@@ -37,7 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fewlabels.active import ACQUISITIONS
-from fewlabels.config import to_yaml
+from fewlabels.config import compose, to_yaml
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.data.transforms import normalize_uint8
 from fewlabels.evaluate import evaluate
@@ -62,6 +64,7 @@ from fewlabels.oracle import Oracle, check_recorded
 from fewlabels.probe.features import features
 from fewlabels.probe.select import select
 from fewlabels.runtime import git_commit, hardware, resolve_precision, wall_time_s
+from fewlabels.semisup import ALGORITHMS
 from fewlabels.semisup.run import (
     PREDICTIONS_FILE,
     TRAINING_KEYS,
@@ -78,7 +81,7 @@ from fewlabels.tracking import init_run
 
 ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
 ROUND_KEYS = (*TRAINING_KEYS, "select", "warm_start", "round_fraction")
-ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction")
+ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_algorithm")
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,20 @@ def round_steps(cfg: DictConfig, k: int) -> int:
     return max(1, round(fraction * cfg.trainer.steps))
 
 
+def round_algorithm(cfg: DictConfig, k: int) -> DictConfig:
+    """Round k's algorithm settings: ``last_round_algorithm`` (resolved by ``active``) for the
+    last round when set, ``algorithm`` otherwise."""
+    last = k == len(cfg.budgets) - 1 and cfg.last_round_algorithm is not None
+    return cfg.last_round_algorithm if last else cfg.algorithm
+
+
 def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
     base = f"{cfg.run_tag}{ckpt.name}-{ckpt.sha256[:8]}"
     budgets = "-".join(str(b) for b in cfg.budgets)
     if cfg.last_round_fraction is not None:
         budgets += f"-last{round_steps(cfg, len(cfg.budgets) - 1)}"
+    if cfg.last_round_algorithm is not None:
+        budgets += f"-{round_algorithm(cfg, len(cfg.budgets) - 1).name}"
     scheme = f"{cfg.algorithm.name}-{cfg.strategy}-{cfg.select}"
     name = f"active-{base}-{scheme}-b{budgets}"
     return ActiveRun(name, f"{name}-seed{seed}",
@@ -135,6 +147,12 @@ def validate_active(cfg: DictConfig) -> list[int]:
     if cfg.last_round_fraction is not None and not (cfg.warm_start and len(budgets) > 1):
         raise ValueError("last_round_fraction applies to a warm-started last round: give two or "
                          "more budgets and warm_start=true, or leave it unset")
+    name = cfg.last_round_algorithm
+    if name is not None and (not isinstance(name, str) or name not in ALGORITHMS
+                             or len(budgets) < 2):
+        raise ValueError(f"last_round_algorithm={name!r}: the name of an algorithm that trains "
+                         f"the last of two or more rounds, one of {', '.join(ALGORITHMS)} "
+                         "(configs/finetune/algorithm/), or leave it unset")
     if cfg.branch_from is not None:
         safe_name(cfg.branch_from, "branch_from")
     for b in budgets:
@@ -179,7 +197,10 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
         if (saved_budgets[:k + 1] != list(cfg.budgets[:k + 1])
                 or not (folder / ROUND_FILE).is_file()
                 or json.loads((folder / ROUND_FILE).read_text())["steps_configured"]
-                != round_steps(cfg, k)):
+                != round_steps(cfg, k)
+                or json.loads((folder / ROUND_FILE).read_text()).get("algorithm",
+                                                                     cfg.algorithm.name)
+                != round_algorithm(cfg, k).name):
             break
         rounds.append(folder)
     return rounds
@@ -263,6 +284,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     warm = bool(cfg.warm_start) and k > 0
     round_cfg = copy.deepcopy(cfg)
     round_cfg.trainer.steps = round_steps(cfg, k)
+    round_cfg.algorithm = round_algorithm(cfg, k)
     pl.seed_everything(seed * 1000 + k, workers=True)
     learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool,
                             seed * 1000 + k)
@@ -280,9 +302,10 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     save_weights(learner.ema_model, folder / CLASSIFIER_FILE, KIND_CLASSIFIER,
                  backbone_config(ckpt.backbone_file), learner.model.backbone.num_features,
                  num_classes=str(learner.model.head.out_features),
-                 algorithm=cfg.algorithm.name, pretrained_sha256=ckpt.sha256)
+                 algorithm=round_cfg.algorithm.name, pretrained_sha256=ckpt.sha256)
     result = {"round": k, "budget": budget, "n_queries": n_queries, "seed": seed,
               "new_ids": len(new), "how": cfg.strategy if k == 0 else cfg.select,
+              "algorithm": round_cfg.algorithm.name,
               "warm_start": warm, "steps": fitted.steps,
               "steps_configured": round_cfg.trainer.steps,
               "ended_by": "steps" if fitted.steps >= round_cfg.trainer.steps else "time cap",
@@ -324,6 +347,8 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
             result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats,
                             test_images, test_labels, seed)
         copied = f", copied from {result['copied_from']}" if "copied_from" in result else ""
+        if result.get("algorithm", cfg.algorithm.name) != cfg.algorithm.name:
+            copied = f", {result['algorithm']}{copied}"
         print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
               f"{result['test_accuracy']:.2%} ({result['how']}, {result['steps']} steps, "
               f"{wall_time_s(result) / 60:.1f} min{copied})", flush=True)
@@ -393,6 +418,9 @@ def active(cfg: DictConfig) -> dict[str, Any]:
     budgets = validate_active(cfg)
     ckpt = open_checkpoint(cfg.checkpoint or newest_checkpoint(cfg.checkpoint_dir))
     cfg.trainer.precision = resolve_precision(cfg.trainer)
+    if cfg.last_round_algorithm is not None:  # the name becomes its settings, saved and compared
+        cfg.last_round_algorithm = compose("finetune",
+                                           [f"algorithm={cfg.last_round_algorithm}"]).algorithm
     seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
     sources = {seed: branch_rounds(cfg, ckpt, seed) for seed in seeds}
     pool = load_train_images().images[: cfg.pool_limit]
@@ -414,7 +442,9 @@ def active(cfg: DictConfig) -> dict[str, Any]:
     _write_curve(rows, out, name, float(cfg.target))
     passing = next((r for r in rows if r["mean"] > cfg.target), None)
     summary = {"checkpoint": str(ckpt.folder), "checkpoint_sha256": ckpt.sha256,
-               "algorithm": cfg.algorithm.name, "cold_start": cfg.strategy,
+               "algorithm": cfg.algorithm.name,
+               "last_round_algorithm": round_algorithm(cfg, len(budgets) - 1).name,
+               "cold_start": cfg.strategy,
                "select": cfg.select, "budgets": budgets, "seeds": seeds, "target": cfg.target,
                "first_budget_passing_target": passing["budget"] if passing else None,
                "rows": rows, "hardware": hardware(), "git_commit": git_commit()}
