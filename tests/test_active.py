@@ -297,24 +297,32 @@ def test_warm_rounds_start_from_the_last_model_and_self_training_renews_its_teac
             for k in range(3)] == [20, 4, 4]
 
 
+def finished_source_then_watch_fit(tiny_checkpoint, tmp_path, monkeypatch, watch):
+    """A finished tiny run to branch from (W&B offline), then every round's ``fit`` first calls
+    ``watch(round_cfg, learner)``; the checkpoint and the source run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    source_cfg = active_config(tiny_checkpoint, tmp_path)
+    active(source_cfg)
+    ckpt = open_checkpoint(tiny_checkpoint)
+    real_fit = active_module.fit
+
+    def watching_fit(round_cfg, learner, *args, **kwargs):
+        watch(round_cfg, learner)
+        return real_fit(round_cfg, learner, *args, **kwargs)
+
+    monkeypatch.setattr(active_module, "fit", watching_fit)
+    return ckpt, active_run(source_cfg, ckpt, 0)
+
+
 def test_a_branch_copies_the_rounds_trained_alike_requeries_them_and_trains_the_rest(
         tiny_checkpoint, tmp_path, monkeypatch):
     """A longer last round branched from a finished run: rounds 0 and 1 are the source's (same
     ids, same model, same test predictions) yet bought again under the branch's own oracle run;
     only the last round trains, for last_round_fraction of the steps."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    source_cfg = active_config(tiny_checkpoint, tmp_path)
-    active(source_cfg)
-    ckpt = open_checkpoint(tiny_checkpoint)
-    source = active_run(source_cfg, ckpt, 0)
-    real_fit = active_module.fit
     trained = []
-
-    def counting_fit(round_cfg, *args, **kwargs):
-        trained.append(int(round_cfg.trainer.steps))
-        return real_fit(round_cfg, *args, **kwargs)
-
-    monkeypatch.setattr(active_module, "fit", counting_fit)
+    ckpt, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: trained.append(int(round_cfg.trainer.steps)))
     cfg = active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
                         f"branch_from={source.name}")
     summary = active(cfg)
@@ -353,19 +361,11 @@ def test_a_last_round_algorithm_trains_only_the_last_round_and_a_branch_does_not
     """``last_round_algorithm=selftrain`` after supervised rounds: branched from a run trained
     with one algorithm throughout, its rounds 0 and 1 are copied, round 2 (bought alike) trains
     with self-training's own settings, and the run reads back under the same command."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    source_cfg = active_config(tiny_checkpoint, tmp_path)
-    active(source_cfg)
-    ckpt = open_checkpoint(tiny_checkpoint)
-    source = active_run(source_cfg, ckpt, 0)
-    real_fit = active_module.fit
     learners = []
-
-    def recording_fit(round_cfg, learner, *args, **kwargs):
-        learners.append((type(learner).__name__, round_cfg.algorithm.name))
-        return real_fit(round_cfg, learner, *args, **kwargs)
-
-    monkeypatch.setattr(active_module, "fit", recording_fit)
+    _, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: learners.append((type(learner).__name__,
+                                                    round_cfg.algorithm.name)))
     overrides = ("last_round_algorithm=selftrain", f"branch_from={source.name}")
     summary = active(active_config(tiny_checkpoint, tmp_path, *overrides))
     assert learners == [("SelfTrain", "selftrain")]
