@@ -195,12 +195,11 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     for k in range(len(cfg.budgets)):
         folder = source / f"round{k}"
         if (saved_budgets[:k + 1] != list(cfg.budgets[:k + 1])
-                or not (folder / ROUND_FILE).is_file()
-                or json.loads((folder / ROUND_FILE).read_text())["steps_configured"]
-                != round_steps(cfg, k)
-                or json.loads((folder / ROUND_FILE).read_text()).get("algorithm",
-                                                                     cfg.algorithm.name)
-                != round_algorithm(cfg, k).name):
+                or not (folder / ROUND_FILE).is_file()):
+            break
+        done = json.loads((folder / ROUND_FILE).read_text())
+        if (done["steps_configured"] != round_steps(cfg, k)
+                or done.get("algorithm", cfg.algorithm.name) != round_algorithm(cfg, k).name):
             break
         rounds.append(folder)
     return rounds
@@ -346,11 +345,11 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
         else:
             result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats,
                             test_images, test_labels, seed)
+        algorithm = result.get("algorithm", cfg.algorithm.name)
+        other = f"{algorithm}, " if algorithm != cfg.algorithm.name else ""
         copied = f", copied from {result['copied_from']}" if "copied_from" in result else ""
-        if result.get("algorithm", cfg.algorithm.name) != cfg.algorithm.name:
-            copied = f", {result['algorithm']}{copied}"
         print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
-              f"{result['test_accuracy']:.2%} ({result['how']}, {result['steps']} steps, "
+              f"{result['test_accuracy']:.2%} ({result['how']}, {other}{result['steps']} steps, "
               f"{wall_time_s(result) / 60:.1f} min{copied})", flush=True)
         if result["ended_by"] != "steps":
             return None
