@@ -6,8 +6,10 @@ another machine (checkpoints/ is ignored, and a work tree laid anew loses it):
   further: ``make pretrain`` refuses to train over it);
 - an active seed folder (``checkpoints/finetuned/active-…-seed<S>``): its ``config.yaml``, every
   round's ``selection.json`` and ``round.json`` (a round with it is read back, not trained), and
-  the ``model.safetensors`` of its last finished round (what the next round starts from and
-  scores the pool with). Training state and the other rounds' models stay out: a few MB in all.
+  the ``model.safetensors`` of its last two finished rounds: the last is what the next round
+  starts from and scores the pool with, the one before it is where a run that trains only the
+  last round otherwise starts (``branch_from``). Training state and the other rounds' models stay
+  out: a few MB in all.
 
 The ledger of the labels those rounds were told (``checkpoints/ledger.json``) goes with them;
 ``make setup`` imports it, and a finished round is read back only where the database holds it.
@@ -46,8 +48,7 @@ def files_to_keep(folder: Path) -> list[Path]:
     finished = [r for r in rounds if (r / ROUND_FILE).is_file()]
     for r in rounds:
         kept += [r / name for name in (SELECTION_FILE, ROUND_FILE) if (r / name).is_file()]
-    if finished:
-        kept.append(finished[-1] / CLASSIFIER_FILE)
+    kept += [r / CLASSIFIER_FILE for r in finished[-2:] if (r / CLASSIFIER_FILE).is_file()]
     return kept
 
 

@@ -158,7 +158,8 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
     run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
     kept = keep.files_to_keep(run.folder)
     assert sorted(str(p.relative_to(run.folder)) for p in kept) == [
-        "config.yaml", "round0/round.json", "round0/selection.json", "round1/model.safetensors",
+        "config.yaml", "round0/model.safetensors", "round0/round.json", "round0/selection.json",
+        "round1/model.safetensors",
         "round1/round.json", "round1/selection.json", "round2/selection.json"]
     backbone_files = keep.files_to_keep(tiny_checkpoint)
     assert {p.name for p in backbone_files} == {"backbone.safetensors", "config.yaml",
@@ -354,6 +355,59 @@ def test_a_branch_copies_the_rounds_trained_alike_requeries_them_and_trains_the_
         active(active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
                              f"branch_from={source.name}", "run_tag=third-"))
     assert len(stats()) == 2
+
+
+def test_a_branch_from_a_carried_run_copies_records_and_continues_from_its_last_kept_model(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """A source as ``make keep`` carries it (every round's records, the models of its last two
+    finished rounds, no test predictions): a longer last round branches from it, copies rounds 0
+    and 1 and starts round 2 from round 1's kept model (a seed the source did not run trains every
+    round). With round 1's model gone too, only round
+    0 could be continued: the branch copies it and trains rounds 1 and 2; with no model at all the
+    branch is refused before anything is bought."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
+    keep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keep)
+    starts = []
+    ckpt, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: starts.append(learner.model.head.weight.detach().clone()))
+    kept = set(keep.files_to_keep(source.folder))
+    assert {p.parent.name for p in kept if p.name == CLASSIFIER_FILE} == {"round1", "round2"}
+    for path in source.folder.rglob("*"):
+        if path.is_file() and path not in kept:
+            path.unlink()
+
+    def branch(tag: str, *extra: str):
+        return active(active_config(tiny_checkpoint, tmp_path, "last_round_fraction=0.5",
+                                    f"branch_from={source.name}", f"run_tag={tag}", *extra))
+
+    def copied(tag: str, seed: int = 0) -> list[bool]:
+        folder = next((tmp_path / "ckpt" / FINETUNED_DIR).glob(f"active-{tag}*-seed{seed}"))
+        return ["copied_from" in json.loads((folder / f"round{k}" / "round.json").read_text())
+                for k in range(3)]
+
+    branch("a-", "seeds=2")
+    assert copied("a-") == [True, True, False] and copied("a-", seed=1) == [False] * 3
+    assert len(starts) == 4  # seed 0's round 2, seed 1's rounds 0 to 2
+    starts[1:] = []
+    round1 = load_classifier(source.folder / "round1" / CLASSIFIER_FILE).head.weight
+    assert torch.equal(starts[0], round1)
+
+    (source.folder / "round1" / CLASSIFIER_FILE).unlink()
+    (source.folder / "round0" / CLASSIFIER_FILE).write_bytes(
+        (source.folder / "round2" / CLASSIFIER_FILE).read_bytes())  # any model of this backbone
+    branch("b-")
+    assert copied("b-") == [True, False, False] and len(starts) == 3
+
+    (source.folder / "round0" / CLASSIFIER_FILE).unlink()
+    runs = len(stats())
+    with pytest.raises(ValueError, match="no round this run would train alike whose"):
+        branch("c-")
+    assert len(stats()) == runs
 
 
 def test_a_last_round_algorithm_trains_only_the_last_round_and_a_branch_does_not_copy_it(

@@ -169,12 +169,19 @@ def validate_active(cfg: DictConfig) -> list[int]:
 
 def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     """The leading round folders of ``branch_from``'s seed that this run would train alike (none
-    without ``branch_from``); a clear error when that run does not exist or trained otherwise."""
+    without ``branch_from``, or when that run has other seeds of this command but not this one);
+    a clear error when that run does not exist or trained otherwise."""
     if cfg.branch_from is None:
         return []
     source = Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{cfg.branch_from}-seed{seed}"
     hint = ("give the name of an active run of this checkpoint that 'make active' printed "
             "(results/<name>.csv) and that ran this seed")
+    if not (source / CONFIG_FILE).is_file() and any(
+            (source.parent / f"{cfg.branch_from}-seed{s}" / CONFIG_FILE).is_file()
+            for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds)):
+        print(f"  seed {seed}: branch_from={cfg.branch_from} did not run this seed; every round "
+              "trains", flush=True)
+        return []
     if not (source / CONFIG_FILE).is_file() or not (source / "round0" / ROUND_FILE).is_file():
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source} holds no finished round of "
                          f"seed {seed}; {hint}")
@@ -185,9 +192,6 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source / CONFIG_FILE} cannot be "
                          f"read ({err}); {hint}") from err
-    round0 = weights_metadata(source / "round0" / CLASSIFIER_FILE)
-    if round0.get("pretrained_sha256") != ckpt.sha256:
-        differ.insert(0, "checkpoint")
     if differ:
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source} was trained otherwise "
                          f"(differs in {', '.join(differ)}), so none of its rounds is this run's")
@@ -202,6 +206,18 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
                 or done.get("algorithm", cfg.algorithm.name) != round_algorithm(cfg, k).name):
             break
         rounds.append(folder)
+    # The next round starts from the last copied round's model; the earlier ones need only their
+    # records (a folder `make keep` carried holds the model of its last finished round alone).
+    while rounds and not (rounds[-1] / CLASSIFIER_FILE).is_file():
+        rounds.pop()
+    if not rounds:
+        raise ValueError(f"branch_from={cfg.branch_from!r}: {source} has no round this run would "
+                         f"train alike whose {CLASSIFIER_FILE} is there to continue from; drop "
+                         "branch_from to train every round")
+    if weights_metadata(rounds[-1] / CLASSIFIER_FILE).get("pretrained_sha256") != ckpt.sha256:
+        raise ValueError(f"branch_from={cfg.branch_from!r}: {rounds[-1]} was fine-tuned from "
+                         f"another checkpoint than {ckpt.folder}, so none of its rounds is "
+                         "this run's")
     return rounds
 
 
@@ -224,9 +240,10 @@ def _copy_round(cfg: DictConfig, run: ActiveRun, k: int, source: Path, labeled: 
     with Oracle(run.oracle_run_id, budget=cfg.budgets[-1], purpose="active") as oracle:
         oracle.query(ids, purpose=f"round{k}")
         n_queries = oracle.used
-    for name in (CLASSIFIER_FILE, PREDICTIONS_FILE):
-        with atomic_path(folder / name) as tmp:
-            shutil.copyfile(source / name, tmp)
+    for name in (CLASSIFIER_FILE, PREDICTIONS_FILE):  # a carried source may lack them
+        if (source / name).is_file():
+            with atomic_path(folder / name) as tmp:
+                shutil.copyfile(source / name, tmp)
     result.update(n_queries=n_queries, oracle_run_id=run.oracle_run_id,
                   copied_from=str(source), wall_time_s=0.0, wall_time_s_this_invocation=0.0,
                   wall_time_s_source=wall_time_s(result))
