@@ -247,6 +247,10 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("budgets=[10] last_round_algorithm=selftrain", "last of two or more rounds"),
     ("branch_from=no-such-run", "holds no finished round of seed 0"),
     ("trainer.max_time=90m", "trainer.max_time.*DD:HH:MM:SS"),
+    ("algorithm=distill", "algorithm=distill: a fine-tuned model teaches itself"),
+    ("last_round_algorithm=distill", "last_round_algorithm='distill'"),
+    ("distill_fraction=0", "distill_fraction"),
+    ("warm_start=false distill_fraction=1.0", "needs warm_start=true"),
 ])
 def test_bad_arguments_fail_before_any_query(tiny_checkpoint, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -435,3 +439,34 @@ def test_a_last_round_algorithm_trains_only_the_last_round_and_a_branch_does_not
     assert saved.last_round_algorithm.name == "selftrain" and saved.algorithm.name == "supervised"
     assert active(active_config(tiny_checkpoint, tmp_path, *overrides))["rows"] == summary["rows"]
     assert len(learners) == 1  # read back, nothing trained again
+
+
+def test_a_distillation_round_buys_nothing_and_teaches_the_last_model_to_itself(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``distill_fraction=0.5`` branched from a finished run: its rounds 0 to 2 are copied and one
+    more round trains a student for half the steps, starting from round 2's model, whose frozen
+    teacher is that model; it buys no label, its row repeats the last budget's queries, and the
+    same command reads it back."""
+    seen = []
+    _, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: seen.append((round_cfg.algorithm.name,
+                                                int(round_cfg.trainer.steps), learner)))
+    overrides = ("distill_fraction=0.5", f"branch_from={source.name}")
+    summary = active(active_config(tiny_checkpoint, tmp_path, *overrides))
+    assert [(name, steps) for name, steps, _ in seen] == [("distill", 5)]
+    assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30, 30]
+    assert summary["distill_steps"] == 5
+    branch = next(p for p in (tmp_path / "ckpt" / FINETUNED_DIR).iterdir()
+                  if p.name != source.folder.name)
+    assert branch.name == f"{source.name}-distill5-seed0"
+    result = json.loads((branch / "round3" / "round.json").read_text())
+    assert (result["how"], result["new_ids"], result["algorithm"]) == ("distill", 0, "distill")
+    assert {s.run_id: s.labels_revealed for s in stats()}[result["oracle_run_id"]] == 30
+    teacher = dict(seen[0][2].teacher.named_parameters())
+    round2 = load_classifier(source.folder / "round2" / CLASSIFIER_FILE)
+    assert all(torch.equal(teacher[name], value) for name, value in round2.named_parameters())
+    student = load_classifier(branch / "round3" / CLASSIFIER_FILE)
+    assert not torch.equal(student.head.weight, round2.head.weight)
+    assert active(active_config(tiny_checkpoint, tmp_path, *overrides))["rows"] == summary["rows"]
+    assert len(seen) == 1  # read back, nothing trained again

@@ -18,6 +18,10 @@ settings, budgets so far and steps): their ids are queried again under this run'
 database counts them here too, and their models and test predictions are copied, not retrained.
 ``last_round_algorithm=<name>`` trains the last round alone with another algorithm (the run is
 named ``…-<name>``); a branch never copies a round trained with another algorithm.
+``distill_fraction=<f>`` adds one round after the last that buys nothing: the last round's model
+teaches a student that starts from it (``configs/finetune/algorithm/distill.yaml``, SimCLRv2's
+self-distillation with a noisy student) for ``f`` of ``trainer.steps`` (the run is named
+``…-distill<steps>``); its row in the curve has the last budget's queries.
 Outputs: ``results/active-<run>.csv`` / ``.png`` / ``.json`` (one row per round: the queries the
 database counted, test accuracy mean ± std over seeds) and W&B (a run per round with its confusion
 matrix and the images just bought; a curve run with the table and a line plot).
@@ -36,7 +40,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewlabels.active import ACQUISITIONS
 from fewlabels.config import compose, to_yaml
@@ -64,7 +68,7 @@ from fewlabels.oracle import Oracle, check_recorded
 from fewlabels.probe.features import features
 from fewlabels.probe.select import select
 from fewlabels.runtime import git_commit, hardware, resolve_precision, wall_time_s
-from fewlabels.semisup import ALGORITHMS
+from fewlabels.semisup import ALGORITHMS, DISTILL
 from fewlabels.semisup.run import (
     PREDICTIONS_FILE,
     TRAINING_KEYS,
@@ -81,7 +85,8 @@ from fewlabels.tracking import init_run
 
 ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
 ROUND_KEYS = (*TRAINING_KEYS, "select", "warm_start", "round_fraction")
-ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_algorithm")
+ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_algorithm",
+               "distill_fraction", "distill_algorithm")
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,29 @@ class ActiveRun:
     folder: Path
 
 
+def round_budgets(cfg: DictConfig) -> list[int]:
+    """The labels each round ends with: ``budgets``, and the last again for the distillation
+    round when ``distill_fraction`` is set."""
+    return [*cfg.budgets, *([cfg.budgets[-1]] if cfg.distill_fraction is not None else [])]
+
+
+def is_distill_round(cfg: DictConfig, k: int) -> bool:
+    return k == len(cfg.budgets)
+
+
+def round_how(cfg: DictConfig, k: int) -> str:
+    """How round k's new ids were chosen (the distillation round chooses none)."""
+    return cfg.strategy if k == 0 else DISTILL if is_distill_round(cfg, k) else cfg.select
+
+
 def round_steps(cfg: DictConfig, k: int) -> int:
     """Round k's configured steps: all of trainer.steps from the pretrained backbone, a share of
-    them (``round_fraction``, the last round ``last_round_fraction`` when set) warm-started."""
+    them (``round_fraction``, the last round ``last_round_fraction`` when set, the distillation
+    round ``distill_fraction``) warm-started."""
     if not (cfg.warm_start and k > 0):
         return int(cfg.trainer.steps)
+    if is_distill_round(cfg, k):
+        return max(1, round(float(cfg.distill_fraction) * cfg.trainer.steps))
     last = k == len(cfg.budgets) - 1 and cfg.last_round_fraction is not None
     fraction = float(cfg.last_round_fraction if last else cfg.round_fraction)
     return max(1, round(fraction * cfg.trainer.steps))
@@ -106,7 +129,10 @@ def round_steps(cfg: DictConfig, k: int) -> int:
 
 def round_algorithm(cfg: DictConfig, k: int) -> DictConfig:
     """Round k's algorithm settings: ``last_round_algorithm`` (resolved by ``active``) for the
-    last round when set, ``algorithm`` otherwise."""
+    last round when set, ``distill_algorithm`` (likewise) for the distillation round,
+    ``algorithm`` otherwise."""
+    if is_distill_round(cfg, k):
+        return cfg.distill_algorithm
     last = k == len(cfg.budgets) - 1 and cfg.last_round_algorithm is not None
     return cfg.last_round_algorithm if last else cfg.algorithm
 
@@ -118,6 +144,8 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
         budgets += f"-last{round_steps(cfg, len(cfg.budgets) - 1)}"
     if cfg.last_round_algorithm is not None:
         budgets += f"-{round_algorithm(cfg, len(cfg.budgets) - 1).name}"
+    if cfg.distill_fraction is not None:
+        budgets += f"-{DISTILL}{round_steps(cfg, len(cfg.budgets))}"
     scheme = f"{cfg.algorithm.name}-{cfg.strategy}-{cfg.select}"
     name = f"active-{base}-{scheme}-b{budgets}"
     return ActiveRun(name, f"{name}-seed{seed}",
@@ -135,9 +163,10 @@ def curve_name(name: str, seeds: list[int]) -> str:
 def validate_active(cfg: DictConfig) -> list[int]:
     """Every argument checked before any work is done or any row written; the budgets."""
     validate(cfg, counts=())
-    for key, most in (("round_fraction", 1.0), ("last_round_fraction", float("inf"))):
+    for key, most in (("round_fraction", 1.0), ("last_round_fraction", float("inf")),
+                      ("distill_fraction", float("inf"))):
         value = cfg[key]
-        if key == "last_round_fraction" and value is None:
+        if key != "round_fraction" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
             raise ValueError(f"{key}={value!r}: the share of trainer.steps a warm-started round "
@@ -147,9 +176,12 @@ def validate_active(cfg: DictConfig) -> list[int]:
     if cfg.last_round_fraction is not None and not (cfg.warm_start and len(budgets) > 1):
         raise ValueError("last_round_fraction applies to a warm-started last round: give two or "
                          "more budgets and warm_start=true, or leave it unset")
+    if cfg.distill_fraction is not None and not cfg.warm_start:
+        raise ValueError("distill_fraction: the distillation round starts from the last round's "
+                         "model (its teacher); it needs warm_start=true")
     name = cfg.last_round_algorithm
     if name is not None and (not isinstance(name, str) or name not in ALGORITHMS
-                             or len(budgets) < 2):
+                             or name == DISTILL or len(budgets) < 2):
         raise ValueError(f"last_round_algorithm={name!r}: the name of an algorithm that trains "
                          f"the last of two or more rounds, one of {', '.join(ALGORITHMS)} "
                          "(configs/finetune/algorithm/), or leave it unset")
@@ -233,7 +265,7 @@ def _copy_round(cfg: DictConfig, run: ActiveRun, k: int, source: Path, labeled: 
     if ids.tolist() != result["ids"]:
         raise ValueError(f"{source} does not continue this run's earlier rounds; move "
                          f"{run.folder} away and run again")
-    write_json_atomic(folder / SELECTION_FILE, {"round": k, "budget": cfg.budgets[k],
+    write_json_atomic(folder / SELECTION_FILE, {"round": k, "budget": round_budgets(cfg)[k],
                                                 "how": result["how"],
                                                 "new_ids": new.tolist(),
                                                 "copied_from": str(source)})
@@ -270,7 +302,9 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
     path = run.folder / f"round{k}" / SELECTION_FILE
     if path.is_file():
         return np.array(json.loads(path.read_text())["new_ids"], dtype=np.int64)
-    if k == 0:
+    if is_distill_round(cfg, k):
+        new = np.zeros(0, dtype=np.int64)
+    elif k == 0:
         tc = cfg.typiclust
         new = select(cfg.strategy, pretrained_feats, budget, seed, tc.neighbors,
                      tc.minibatch_above, tc.max_clusters)
@@ -280,7 +314,7 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
         new = ACQUISITIONS[cfg.select](probs, feats, labeled, budget - len(labeled),
                                        seed * 1000 + k)
     write_json_atomic(path, {"round": k, "budget": budget,
-                             "how": cfg.strategy if k == 0 else cfg.select,
+                             "how": round_how(cfg, k),
                              "new_ids": [int(i) for i in new]})
     return new
 
@@ -320,7 +354,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
                  num_classes=str(learner.model.head.out_features),
                  algorithm=round_cfg.algorithm.name, pretrained_sha256=ckpt.sha256)
     result = {"round": k, "budget": budget, "n_queries": n_queries, "seed": seed,
-              "new_ids": len(new), "how": cfg.strategy if k == 0 else cfg.select,
+              "new_ids": len(new), "how": round_how(cfg, k),
               "algorithm": round_cfg.algorithm.name,
               "warm_start": warm, "steps": fitted.steps,
               "steps_configured": round_cfg.trainer.steps,
@@ -352,7 +386,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
     write_text_atomic(run.folder / CONFIG_FILE, to_yaml(cfg))
     labeled = np.zeros(0, dtype=np.int64)
     rounds = []
-    for k, budget in enumerate(cfg.budgets):
+    for k, budget in enumerate(round_budgets(cfg)):
         done = run.folder / f"round{k}" / ROUND_FILE
         if done.is_file():  # finished before: read back, whether trained or copied
             result = json.loads(done.read_text())
@@ -437,6 +471,9 @@ def active(cfg: DictConfig) -> dict[str, Any]:
     if cfg.last_round_algorithm is not None:  # the name becomes its settings, saved and compared
         cfg.last_round_algorithm = compose("finetune",
                                            [f"algorithm={cfg.last_round_algorithm}"]).algorithm
+    if cfg.distill_fraction is not None:  # likewise; absent otherwise, as in older run folders
+        with open_dict(cfg):
+            cfg.distill_algorithm = compose("finetune", [f"algorithm={DISTILL}"]).algorithm
     seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
     sources = {seed: branch_rounds(cfg, ckpt, seed) for seed in seeds}
     pool = load_train_images().images[: cfg.pool_limit]
@@ -451,7 +488,7 @@ def active(cfg: DictConfig) -> dict[str, Any]:
         print("WARNING: trainer.max_time stopped a round before its steps; no curve is written. "
               "Run the same command again to continue from there.", flush=True)
         return {}
-    rows = curve_rows(per_seed, budgets)
+    rows = curve_rows(per_seed, round_budgets(cfg))
     name = curve_name(active_run(cfg, ckpt, seeds[0]).name, seeds)
     out = Path(cfg.results_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -460,6 +497,8 @@ def active(cfg: DictConfig) -> dict[str, Any]:
     summary = {"checkpoint": str(ckpt.folder), "checkpoint_sha256": ckpt.sha256,
                "algorithm": cfg.algorithm.name,
                "last_round_algorithm": round_algorithm(cfg, len(budgets) - 1).name,
+               "distill_steps": (round_steps(cfg, len(budgets))
+                                 if cfg.distill_fraction is not None else None),
                "cold_start": cfg.strategy,
                "select": cfg.select, "budgets": budgets, "seeds": seeds, "target": cfg.target,
                "first_budget_passing_target": passing["budget"] if passing else None,

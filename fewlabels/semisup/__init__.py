@@ -39,13 +39,18 @@ def _selftrain(cfg: Any) -> dict[str, Any]:
                                           float(cfg.temperature), float(cfg.lambda_u))}
 
 
+# Self-training whose teacher is the model the round starts from: it trains only the round that
+# `make active`'s distill_fraction adds after the last (a fine-tuned model teaching itself).
+DISTILL = "distill"
+
 ALGORITHMS: dict[str, tuple[type[Learner], Callable[[Any], dict[str, Any]]]] = {
     "supervised": (Supervised, _no_settings),
     "fixmatch": (FixMatch, _fixmatch),
     "flexmatch": (FlexMatch, _fixmatch),
     "softmatch": (SoftMatch, _softmatch),
     "selftrain": (SelfTrain, _selftrain),
+    DISTILL: (SelfTrain, _selftrain),
 }
 
-__all__ = ["ALGORITHMS", "BatchSettings", "FixMatch", "FlexMatch", "Learner", "OptimizerSettings",
-           "SelfTrain", "SoftMatch", "Supervised"]
+__all__ = ["ALGORITHMS", "DISTILL", "BatchSettings", "FixMatch", "FlexMatch", "Learner",
+           "OptimizerSettings", "SelfTrain", "SoftMatch", "Supervised"]

@@ -59,7 +59,7 @@ from fewlabels.runtime import (
     time_limits,
     wall_time_s,
 )
-from fewlabels.semisup import ALGORITHMS, BatchSettings, Learner, OptimizerSettings
+from fewlabels.semisup import ALGORITHMS, DISTILL, BatchSettings, Learner, OptimizerSettings
 from fewlabels.tracking import wandb_mode
 
 SELECTION_FILE, PREDICTIONS_FILE = "selection.json", "test_predictions.npy"
@@ -98,6 +98,10 @@ def validate(cfg: DictConfig, counts: tuple[str, ...] = ("n",)) -> None:
     safe_name(cfg.run_tag, "run_tag", allow_empty=True)
     if cfg.algorithm.name not in ALGORITHMS:
         raise ValueError(f"algorithm={cfg.algorithm.name!r}: use one of {', '.join(ALGORITHMS)}")
+    if cfg.algorithm.name == DISTILL:
+        raise ValueError(f"algorithm={DISTILL}: a fine-tuned model teaches itself there, so it "
+                         "trains only the round that `make active ARGS=distill_fraction=<share "
+                         "of trainer.steps>` adds after the last; give another algorithm")
     tr = cfg.trainer
     for key in ("steps", "steps_per_epoch", "eval_batch_size"):
         check_whole(tr[key], f"trainer.{key}", 1)
@@ -319,18 +323,20 @@ def _log_result(logger: WandbLogger, result: dict[str, Any], images: np.ndarray,
 def test_and_queried_media(confusion: list[list[int]], images: np.ndarray, labels: np.ndarray,
                            prefix: str = "") -> dict[str, Any]:
     """W&B items: the test confusion matrix as a W&B plot, and a grid of queried images with the
-    labels the database returned."""
+    labels the database returned (none when nothing was queried)."""
     import wandb
 
     table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"],
                         data=[[CLASSES[i], CLASSES[j], confusion[i][j]] for i in range(N_CLASSES)
                               for j in range(N_CLASSES)])
-    return {f"{prefix}test/confusion_matrix": wandb.plot_table(
+    media = {f"{prefix}test/confusion_matrix": wandb.plot_table(
         "wandb/confusion_matrix/v1", table,
         {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-        {"title": f"{prefix}test confusion matrix"}),
-        f"{prefix}queried/images": wandb.Image(_grid(images, labels),
-                                               caption="queried images, labels from the database")}
+        {"title": f"{prefix}test confusion matrix"})}
+    if len(images):
+        media[f"{prefix}queried/images"] = wandb.Image(
+            _grid(images, labels), caption="queried images, labels from the database")
+    return media
 
 
 def _grid(images: np.ndarray, labels: np.ndarray, limit: int = 100) -> Any:

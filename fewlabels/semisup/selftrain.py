@@ -1,6 +1,7 @@
 """Self-training as in SimCLRv2 (Chen et al., 2020b), with noisy students (Xie et al., 2020).
 
-The first ``teacher_fraction`` of the steps fine-tunes a teacher on the queried labels alone.
+The first ``teacher_fraction`` of the steps fine-tunes a teacher on the queried labels alone
+(none with 0: the teacher is the model as it starts, a fine-tuned one; ``distill`` does that).
 Then each of ``generations`` students continues from it and learns, besides the labeled loss,
 to match the frozen teacher's soft predictions on weak views of the unlabeled pool from strong
 views of the same images. A new generation's teacher is the EMA model at the end of the last.
@@ -30,8 +31,8 @@ class SelfTrainSettings:
 class SelfTrain(Learner):
     def __init__(self, *args: Any, settings: SelfTrainSettings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not 0 < settings.teacher_fraction < 1 or settings.generations < 1:
-            raise ValueError("algorithm.teacher_fraction must be in (0, 1) and "
+        if not 0 <= settings.teacher_fraction < 1 or settings.generations < 1:
+            raise ValueError("algorithm.teacher_fraction must be in [0, 1) and "
                              "algorithm.generations >= 1")
         self.settings = settings
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
