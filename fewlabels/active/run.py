@@ -239,7 +239,7 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
             break
         rounds.append(folder)
     # The next round starts from the last copied round's model; the earlier ones need only their
-    # records (a folder `make keep` carried holds the model of its last finished round alone).
+    # records (a folder `make keep` carried holds the models of its last two finished rounds).
     while rounds and not (rounds[-1] / CLASSIFIER_FILE).is_file():
         rounds.pop()
     if not rounds:
