@@ -397,7 +397,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
             result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats,
                             test_images, test_labels, seed)
         algorithm = result.get("algorithm", cfg.algorithm.name)
-        other = f"{algorithm}, " if algorithm != cfg.algorithm.name else ""
+        other = f"{algorithm}, " if algorithm not in (cfg.algorithm.name, result["how"]) else ""
         copied = f", copied from {result['copied_from']}" if "copied_from" in result else ""
         print(f"  seed {seed} round {k}: {result['n_queries']} labels counted, test accuracy "
               f"{result['test_accuracy']:.2%} ({result['how']}, {other}{result['steps']} steps, "
