@@ -205,11 +205,14 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     a clear error when that run does not exist or trained otherwise."""
     if cfg.branch_from is None:
         return []
-    source = Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{cfg.branch_from}-seed{seed}"
+    def seed_folder(s: int) -> Path:
+        return Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{cfg.branch_from}-seed{s}"
+
+    source = seed_folder(seed)
     hint = ("give the name of an active run of this checkpoint that 'make active' printed "
             "(results/<name>.csv) and that ran this seed")
     if not (source / CONFIG_FILE).is_file() and any(
-            (source.parent / f"{cfg.branch_from}-seed{s}" / CONFIG_FILE).is_file()
+            (seed_folder(s) / CONFIG_FILE).is_file()
             for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds)):
         print(f"  seed {seed}: branch_from={cfg.branch_from} did not run this seed; every round "
               "trains", flush=True)
