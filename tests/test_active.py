@@ -437,8 +437,11 @@ def test_a_last_round_algorithm_trains_only_the_last_round_and_a_branch_does_not
     assert weights_metadata(branch / "round2" / CLASSIFIER_FILE)["algorithm"] == "selftrain"
     saved = OmegaConf.load(branch / "config.yaml")
     assert saved.last_round_algorithm.name == "selftrain" and saved.algorithm.name == "supervised"
-    assert active(active_config(tiny_checkpoint, tmp_path, *overrides))["rows"] == summary["rows"]
-    assert len(learners) == 1  # read back, nothing trained again
+    # Read back without branch_from: nothing trains again, and the folder keeps the config of the
+    # invocation that copied its rounds.
+    again = active(active_config(tiny_checkpoint, tmp_path, "last_round_algorithm=selftrain"))
+    assert again["rows"] == summary["rows"] and len(learners) == 1
+    assert OmegaConf.load(branch / "config.yaml").branch_from == source.name
 
 
 def test_a_distillation_round_buys_nothing_and_teaches_the_last_model_to_itself(

@@ -252,8 +252,12 @@ def test_killed_run_resumes_and_adds_no_queries(tiny_checkpoint, tmp_path, subpr
     assert 0 < saved_step < 400 and saved_seconds > 0
     before = {s.run_id: s.labels_revealed for s in stats()}
     assert list(before.values()) == [20]
+    first_config = (folder / CONFIG_FILE).read_text()
 
-    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # Resumed with a setting that does not change training: the folder keeps the config of the
+    # invocation that made it.
+    done = subprocess.run([*args, "trainer.eval_batch_size=333"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next((tmp_path / "results").glob("finetune-*.json")).read_text())
     assert result["resumed_from_step"] == saved_step  # trained only the remaining steps
@@ -263,6 +267,7 @@ def test_killed_run_resumes_and_adds_no_queries(tiny_checkpoint, tmp_path, subpr
     assert result["wall_time_s"] == pytest.approx(
         saved_seconds + result["wall_time_s_this_invocation"], abs=0.11)  # both rounded to 0.1
     assert {s.run_id: s.labels_revealed for s in stats()} == before
+    assert (folder / CONFIG_FILE).read_text() == first_config and "333" not in first_config
 
 
 def test_flexmatch_thresholds_follow_the_curriculum():

@@ -43,11 +43,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewlabels.active import ACQUISITIONS
-from fewlabels.config import compose, to_yaml
+from fewlabels.config import compose
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.data.transforms import normalize_uint8
 from fewlabels.evaluate import evaluate
-from fewlabels.files import atomic_path, write_json_atomic, write_text_atomic
+from fewlabels.files import atomic_path, write_json_atomic
 from fewlabels.models.checkpoint import (
     CLASSIFIER_FILE,
     CONFIG_FILE,
@@ -76,6 +76,7 @@ from fewlabels.semisup.run import (
     check_same_training,
     check_whole,
     fit,
+    keep_first_config,
     test_and_queried_media,
     training_differences,
     validate,
@@ -386,7 +387,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
     run = active_run(cfg, ckpt, seed)
     check_same_training(cfg, run.folder, ACTIVE_KEYS)
     run.folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run.folder / CONFIG_FILE, to_yaml(cfg))
+    keep_first_config(cfg, run.folder)
     labeled = np.zeros(0, dtype=np.int64)
     rounds = []
     for k, budget in enumerate(round_budgets(cfg)):

@@ -195,6 +195,14 @@ def check_same_training(cfg: DictConfig, folder: Path,
                          f"labels), or move that folder away{hint}")
 
 
+def keep_first_config(cfg: DictConfig, folder: Path) -> None:
+    """Write the run's ``config.yaml`` once: a later invocation (a resume, a read-back, one
+    without ``branch_from``) trains alike (``check_same_training``) and must not replace the
+    record of the one that made the folder."""
+    if not (folder / CONFIG_FILE).is_file():
+        write_text_atomic(folder / CONFIG_FILE, to_yaml(cfg))
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -267,7 +275,7 @@ def train_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, feats: np.nd
     with Oracle(run.oracle_run_id, budget=cfg.n, purpose="finetune") as oracle:
         labels = oracle.query(ids)
         n_queries = oracle.used
-    write_text_atomic(run.folder / CONFIG_FILE, to_yaml(cfg))
+    keep_first_config(cfg, run.folder)
 
     pl.seed_everything(seed, workers=True)
     learner = build_learner(cfg, load_backbone(ckpt), pool[ids], labels, pool, seed)
