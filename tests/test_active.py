@@ -245,6 +245,9 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("branch_from=../x", "branch_from"),
     ("last_round_algorithm=nope", "last_round_algorithm='nope'.*selftrain"),
     ("budgets=[10] last_round_algorithm=selftrain", "last of two or more rounds"),
+    ("last_round_unlabeled_ratio=0", "last_round_unlabeled_ratio=0: must be a whole number >= 1"),
+    ("last_round_unlabeled_ratio=1.5", "last_round_unlabeled_ratio=1.5"),
+    ("budgets=[10] last_round_unlabeled_ratio=3", "last of two or more rounds"),
     ("branch_from=no-such-run", "holds no finished round of seed 0"),
     ("trainer.max_time=90m", "trainer.max_time.*DD:HH:MM:SS"),
     ("algorithm=distill", "algorithm=distill: a fine-tuned model teaches itself"),
@@ -442,6 +445,37 @@ def test_a_last_round_algorithm_trains_only_the_last_round_and_a_branch_does_not
     again = active(active_config(tiny_checkpoint, tmp_path, "last_round_algorithm=selftrain"))
     assert again["rows"] == summary["rows"] and len(learners) == 1
     assert OmegaConf.load(branch / "config.yaml").branch_from == source.name
+
+
+def test_a_last_round_unlabeled_ratio_trains_only_the_last_round_so_and_is_not_copied_otherwise(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``last_round_unlabeled_ratio=5`` branched from a run whose every round drew the preset's 2
+    unlabeled images per labeled one: rounds 0 and 1 are copied, round 2 (bought alike) trains
+    drawing 5, and it records that; a branch from it without the override copies rounds 0 and 1
+    but trains its own round 2 again."""
+    ratios = []
+    ckpt, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: ratios.append((int(round_cfg.batch.unlabeled_ratio),
+                                                  learner.batches.unlabeled_ratio)))
+    cfg = active_config(tiny_checkpoint, tmp_path, "last_round_unlabeled_ratio=5",
+                        f"branch_from={source.name}")
+    summary = active(cfg)
+    branch = active_run(cfg, ckpt, 0)
+    assert branch.name == source.name + "-mu5" and ratios == [(5, 5)]
+    assert summary["last_round_unlabeled_ratio"] == 5
+    rounds = [json.loads((branch.folder / f"round{k}" / "round.json").read_text())
+              for k in range(3)]
+    assert [r.get("copied_from") is not None for r in rounds] == [True, True, False]
+    assert rounds[2]["unlabeled_ratio"] == 5 and rounds[2]["n_queries"] == 30
+    assert rounds[2]["ids"][:20] == rounds[1]["ids"]
+    # A branch of the -mu5 run that draws the preset's ratio in every round: round 2 trains.
+    back = active_config(tiny_checkpoint, tmp_path, "run_tag=back-", f"branch_from={branch.name}")
+    active(back)
+    assert ratios == [(5, 5), (2, 2)]
+    copied = [json.loads((active_run(back, ckpt, 0).folder / f"round{k}" / "round.json")
+                         .read_text()).get("copied_from") is not None for k in range(3)]
+    assert copied == [True, True, False]
 
 
 def test_a_distillation_round_buys_nothing_and_teaches_the_last_model_to_itself(

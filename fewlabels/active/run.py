@@ -16,8 +16,10 @@ last round longer (the run is then named ``…-b<budgets>-last<steps>``), and ``
 copies the leading rounds of another run that this one would train alike (same checkpoint,
 settings, budgets so far and steps): their ids are queried again under this run's id, so the
 database counts them here too, and their models and test predictions are copied, not retrained.
+``last_round_unlabeled_ratio=<mu>`` draws mu unlabeled images per labeled one in the last round
+(``batch.unlabeled_ratio`` in the others; the run is named ``…-mu<mu>``).
 ``last_round_algorithm=<name>`` trains the last round alone with another algorithm (the run is
-named ``…-<name>``); a branch never copies a round trained with another algorithm.
+named ``…-<name>``); a branch never copies a round trained with another algorithm or ratio.
 ``distill_fraction=<f>`` adds one round after the last that buys nothing: the last round's model
 teaches a student that starts from it (``configs/finetune/algorithm/distill.yaml``, SimCLRv2's
 self-distillation with a noisy student) for ``f`` of ``trainer.steps`` (the run is named
@@ -86,8 +88,8 @@ from fewlabels.tracking import init_run
 
 ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
 ROUND_KEYS = (*TRAINING_KEYS, "select", "warm_start", "round_fraction")
-ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_algorithm",
-               "distill_fraction", "distill_algorithm")
+ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_unlabeled_ratio",
+               "last_round_algorithm", "distill_fraction", "distill_algorithm")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,13 @@ def round_steps(cfg: DictConfig, k: int) -> int:
     return max(1, round(fraction * cfg.trainer.steps))
 
 
+def round_unlabeled_ratio(cfg: DictConfig, k: int) -> int:
+    """Round k's unlabeled images per labeled one: ``last_round_unlabeled_ratio`` for the last
+    round when set, ``batch.unlabeled_ratio`` otherwise."""
+    last = k == len(cfg.budgets) - 1 and cfg.last_round_unlabeled_ratio is not None
+    return int(cfg.last_round_unlabeled_ratio if last else cfg.batch.unlabeled_ratio)
+
+
 def round_algorithm(cfg: DictConfig, k: int) -> DictConfig:
     """Round k's algorithm settings: ``last_round_algorithm`` (resolved by ``active``) for the
     last round when set, ``distill_algorithm`` (likewise) for the distillation round,
@@ -143,6 +152,8 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
     budgets = "-".join(str(b) for b in cfg.budgets)
     if cfg.last_round_fraction is not None:
         budgets += f"-last{round_steps(cfg, len(cfg.budgets) - 1)}"
+    if cfg.last_round_unlabeled_ratio is not None:
+        budgets += f"-mu{round_unlabeled_ratio(cfg, len(cfg.budgets) - 1)}"
     if cfg.last_round_algorithm is not None:
         budgets += f"-{round_algorithm(cfg, len(cfg.budgets) - 1).name}"
     if cfg.distill_fraction is not None:
@@ -186,6 +197,13 @@ def validate_active(cfg: DictConfig) -> list[int]:
         raise ValueError(f"last_round_algorithm={name!r}: the name of an algorithm that trains "
                          f"the last of two or more rounds, one of {', '.join(ALGORITHMS)} "
                          "(configs/finetune/algorithm/), or leave it unset")
+    ratio = cfg.last_round_unlabeled_ratio
+    if ratio is not None:
+        check_whole(ratio, "last_round_unlabeled_ratio", 1)
+        if len(budgets) < 2:
+            raise ValueError(f"last_round_unlabeled_ratio={ratio!r}: the unlabeled images per "
+                             "labeled one in the last of two or more rounds; give two or more "
+                             "budgets, or set batch.unlabeled_ratio")
     if cfg.branch_from is not None:
         safe_name(cfg.branch_from, "branch_from")
     for b in budgets:
@@ -239,7 +257,9 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
             break
         done = json.loads((folder / ROUND_FILE).read_text())
         if (done["steps_configured"] != round_steps(cfg, k)
-                or done.get("algorithm", cfg.algorithm.name) != round_algorithm(cfg, k).name):
+                or done.get("algorithm", cfg.algorithm.name) != round_algorithm(cfg, k).name
+                or done.get("unlabeled_ratio", saved.batch.unlabeled_ratio)
+                != round_unlabeled_ratio(cfg, k)):
             break
         rounds.append(folder)
     # The next round starts from the last copied round's model; the earlier ones need only their
@@ -339,6 +359,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     round_cfg = copy.deepcopy(cfg)
     round_cfg.trainer.steps = round_steps(cfg, k)
     round_cfg.algorithm = round_algorithm(cfg, k)
+    round_cfg.batch.unlabeled_ratio = round_unlabeled_ratio(cfg, k)
     pl.seed_everything(seed * 1000 + k, workers=True)
     learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool,
                             seed * 1000 + k)
@@ -360,6 +381,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     result = {"round": k, "budget": budget, "n_queries": n_queries, "seed": seed,
               "new_ids": len(new), "how": round_how(cfg, k),
               "algorithm": round_cfg.algorithm.name,
+              "unlabeled_ratio": round_cfg.batch.unlabeled_ratio,
               "warm_start": warm, "steps": fitted.steps,
               "steps_configured": round_cfg.trainer.steps,
               "ended_by": "steps" if fitted.steps >= round_cfg.trainer.steps else "time cap",
@@ -501,6 +523,7 @@ def active(cfg: DictConfig) -> dict[str, Any]:
     summary = {"checkpoint": str(ckpt.folder), "checkpoint_sha256": ckpt.sha256,
                "algorithm": cfg.algorithm.name,
                "last_round_algorithm": round_algorithm(cfg, len(budgets) - 1).name,
+               "last_round_unlabeled_ratio": round_unlabeled_ratio(cfg, len(budgets) - 1),
                "distill_steps": (round_steps(cfg, len(budgets))
                                  if cfg.distill_fraction is not None else None),
                "cold_start": cfg.strategy,
