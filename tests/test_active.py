@@ -248,6 +248,9 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("last_round_unlabeled_ratio=0", "last_round_unlabeled_ratio=0: must be a whole number >= 1"),
     ("last_round_unlabeled_ratio=1.5", "last_round_unlabeled_ratio=1.5"),
     ("budgets=[10] last_round_unlabeled_ratio=3", "last of two or more rounds"),
+    ("last_round_stream=0", "last_round_stream=0: must be a whole number >= 1"),
+    ("last_round_stream=1001", "last_round_stream=1001.*from 1 to 1000"),
+    ("budgets=[10] last_round_stream=1", "last of two or more rounds"),
     ("branch_from=no-such-run", "holds no finished round of seed 0"),
     ("trainer.max_time=90m", "trainer.max_time.*DD:HH:MM:SS"),
     ("algorithm=distill", "algorithm=distill: a fine-tuned model teaches itself"),
@@ -473,6 +476,38 @@ def test_a_last_round_unlabeled_ratio_trains_only_the_last_round_so_and_is_not_c
     back = active_config(tiny_checkpoint, tmp_path, "run_tag=back-", f"branch_from={branch.name}")
     active(back)
     assert ratios == [(5, 5), (2, 2)]
+    copied = [json.loads((active_run(back, ckpt, 0).folder / f"round{k}" / "round.json")
+                         .read_text()).get("copied_from") is not None for k in range(3)]
+    assert copied == [True, True, False]
+
+
+def test_a_last_round_stream_retrains_the_last_round_alike_but_for_its_random_stream(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``last_round_stream=1`` branched from a finished run: rounds 0 and 1 are copied, round 2
+    buys the same ids and trains from the same model with the same settings, seeded from
+    another stream, so its model differs from the source's; it records the stream, and a branch
+    of it without the override trains its own round 2 again."""
+    seeds = []
+    ckpt, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: seeds.append((int(round_cfg.trainer.steps),
+                                                 torch.initial_seed())))
+    cfg = active_config(tiny_checkpoint, tmp_path, "last_round_stream=1",
+                        f"branch_from={source.name}")
+    summary = active(cfg)
+    branch = active_run(cfg, ckpt, 0)
+    assert branch.name == source.name + "-stream1" and summary["last_round_stream"] == 1
+    steps = json.loads((source.folder / "round2" / "round.json").read_text())["steps"]
+    assert seeds == [(steps, 2 + 1_000_000)]  # seed 0, round 2, stream 1
+    mine, theirs = (json.loads((run / "round2" / "round.json").read_text())
+                    for run in (branch.folder, source.folder))
+    assert mine["stream"] == 1 and "copied_from" not in mine and theirs["stream"] == 0
+    assert mine["ids"] == theirs["ids"] and mine["n_queries"] == theirs["n_queries"] == 30
+    assert not torch.equal(load_classifier(branch.folder / "round2" / CLASSIFIER_FILE).head.weight,
+                           load_classifier(source.folder / "round2" / CLASSIFIER_FILE).head.weight)
+    back = active_config(tiny_checkpoint, tmp_path, "run_tag=back-", f"branch_from={branch.name}")
+    active(back)
+    assert seeds[1:] == [(steps, 2)]
     copied = [json.loads((active_run(back, ckpt, 0).folder / f"round{k}" / "round.json")
                          .read_text()).get("copied_from") is not None for k in range(3)]
     assert copied == [True, True, False]

@@ -18,8 +18,12 @@ settings, budgets so far and steps): their ids are queried again under this run'
 database counts them here too, and their models and test predictions are copied, not retrained.
 ``last_round_unlabeled_ratio=<mu>`` draws mu unlabeled images per labeled one in the last round
 (``batch.unlabeled_ratio`` in the others; the run is named ``…-mu<mu>``).
+``last_round_stream=<i>`` trains the last round from another random stream (the batches and
+augmentations it draws; the same ids, settings and starting model), to measure what chance alone
+moves (the run is named ``…-stream<i>``).
 ``last_round_algorithm=<name>`` trains the last round alone with another algorithm (the run is
-named ``…-<name>``); a branch never copies a round trained with another algorithm or ratio.
+named ``…-<name>``); a branch never copies a round trained with another algorithm, ratio or
+stream.
 ``distill_fraction=<f>`` adds one round after the last that buys nothing: the last round's model
 teaches a student that starts from it (``configs/finetune/algorithm/distill.yaml``, SimCLRv2's
 self-distillation with a noisy student) for ``f`` of ``trainer.steps`` (the run is named
@@ -87,9 +91,12 @@ from fewlabels.semisup.run import (
 from fewlabels.tracking import init_run
 
 ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
+# Seeds are seed * 1000 + round; each other stream adds this span, so that no two meet while
+# seeds stay below 1,000 and streams at most MAX_STREAM (under seed_everything's 2**32).
+MAX_STREAM_SEED_SPAN, MAX_STREAM = 1_000_000, 1000
 ROUND_KEYS = (*TRAINING_KEYS, "select", "warm_start", "round_fraction")
 ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_unlabeled_ratio",
-               "last_round_algorithm", "distill_fraction", "distill_algorithm")
+               "last_round_stream", "last_round_algorithm", "distill_fraction", "distill_algorithm")
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,19 @@ def round_unlabeled_ratio(cfg: DictConfig, k: int) -> int:
     return int(cfg.last_round_unlabeled_ratio if last else cfg.batch.unlabeled_ratio)
 
 
+def round_stream(cfg: DictConfig, k: int) -> int:
+    """Round k's random stream: ``last_round_stream`` for the last round when set, 0 (the seed's
+    own) otherwise."""
+    last = k == len(cfg.budgets) - 1 and cfg.last_round_stream is not None
+    return int(cfg.last_round_stream) if last else 0
+
+
+def round_seed(cfg: DictConfig, seed: int, k: int) -> int:
+    """The number round k of a seed seeds its randomness with: ``seed * 1000 + k`` in the seed's
+    own stream, and another million for each stream after it (``last_round_stream``)."""
+    return seed * 1000 + k + MAX_STREAM_SEED_SPAN * round_stream(cfg, k)
+
+
 def round_algorithm(cfg: DictConfig, k: int) -> DictConfig:
     """Round k's algorithm settings: ``last_round_algorithm`` (resolved by ``active``) for the
     last round when set, ``distill_algorithm`` (likewise) for the distillation round,
@@ -154,6 +174,8 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
         budgets += f"-last{round_steps(cfg, len(cfg.budgets) - 1)}"
     if cfg.last_round_unlabeled_ratio is not None:
         budgets += f"-mu{round_unlabeled_ratio(cfg, len(cfg.budgets) - 1)}"
+    if cfg.last_round_stream is not None:
+        budgets += f"-stream{round_stream(cfg, len(cfg.budgets) - 1)}"
     if cfg.last_round_algorithm is not None:
         budgets += f"-{round_algorithm(cfg, len(cfg.budgets) - 1).name}"
     if cfg.distill_fraction is not None:
@@ -204,6 +226,13 @@ def validate_active(cfg: DictConfig) -> list[int]:
             raise ValueError(f"last_round_unlabeled_ratio={ratio!r}: the unlabeled images per "
                              "labeled one in the last of two or more rounds; give two or more "
                              "budgets, or set batch.unlabeled_ratio")
+    stream = cfg.last_round_stream
+    if stream is not None:
+        check_whole(stream, "last_round_stream", 1)
+        if stream > MAX_STREAM or len(budgets) < 2:
+            raise ValueError(f"last_round_stream={stream!r}: another random stream for the last "
+                             f"of two or more rounds, a whole number from 1 to {MAX_STREAM}; "
+                             "give two or more budgets, or leave it unset")
     if cfg.branch_from is not None:
         safe_name(cfg.branch_from, "branch_from")
     for b in budgets:
@@ -259,7 +288,8 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
         if (done["steps_configured"] != round_steps(cfg, k)
                 or done.get("algorithm", cfg.algorithm.name) != round_algorithm(cfg, k).name
                 or done.get("unlabeled_ratio", saved.batch.unlabeled_ratio)
-                != round_unlabeled_ratio(cfg, k)):
+                != round_unlabeled_ratio(cfg, k)
+                or done.get("stream", 0) != round_stream(cfg, k)):
             break
         rounds.append(folder)
     # The next round starts from the last copied round's model; the earlier ones need only their
@@ -360,9 +390,9 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     round_cfg.trainer.steps = round_steps(cfg, k)
     round_cfg.algorithm = round_algorithm(cfg, k)
     round_cfg.batch.unlabeled_ratio = round_unlabeled_ratio(cfg, k)
-    pl.seed_everything(seed * 1000 + k, workers=True)
+    pl.seed_everything(round_seed(cfg, seed, k), workers=True)
     learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool,
-                            seed * 1000 + k)
+                            round_seed(cfg, seed, k))
     if warm:
         state = load_classifier(run.folder / f"round{k - 1}" / CLASSIFIER_FILE).state_dict()
         learner.model.load_state_dict(state)
@@ -382,6 +412,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
               "new_ids": len(new), "how": round_how(cfg, k),
               "algorithm": round_cfg.algorithm.name,
               "unlabeled_ratio": round_cfg.batch.unlabeled_ratio,
+              "stream": round_stream(cfg, k),
               "warm_start": warm, "steps": fitted.steps,
               "steps_configured": round_cfg.trainer.steps,
               "ended_by": "steps" if fitted.steps >= round_cfg.trainer.steps else "time cap",
@@ -524,6 +555,7 @@ def active(cfg: DictConfig) -> dict[str, Any]:
                "algorithm": cfg.algorithm.name,
                "last_round_algorithm": round_algorithm(cfg, len(budgets) - 1).name,
                "last_round_unlabeled_ratio": round_unlabeled_ratio(cfg, len(budgets) - 1),
+               "last_round_stream": round_stream(cfg, len(budgets) - 1),
                "distill_steps": (round_steps(cfg, len(budgets))
                                  if cfg.distill_fraction is not None else None),
                "cold_start": cfg.strategy,
