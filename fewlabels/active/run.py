@@ -124,6 +124,13 @@ def round_how(cfg: DictConfig, k: int) -> str:
     return cfg.strategy if k == 0 else DISTILL if is_distill_round(cfg, k) else cfg.select
 
 
+def last_round_setting(cfg: DictConfig, k: int, key: str, otherwise: Any) -> Any:
+    """``cfg[key]`` (a ``last_round_*`` override) for the last budget's round when it is set,
+    ``otherwise`` for every other round."""
+    value = cfg[key]
+    return value if k == len(cfg.budgets) - 1 and value is not None else otherwise
+
+
 def round_steps(cfg: DictConfig, k: int) -> int:
     """Round k's configured steps: all of trainer.steps from the pretrained backbone, a share of
     them (``round_fraction``, the last round ``last_round_fraction`` when set, the distillation
@@ -132,23 +139,20 @@ def round_steps(cfg: DictConfig, k: int) -> int:
         return int(cfg.trainer.steps)
     if is_distill_round(cfg, k):
         return max(1, round(float(cfg.distill_fraction) * cfg.trainer.steps))
-    last = k == len(cfg.budgets) - 1 and cfg.last_round_fraction is not None
-    fraction = float(cfg.last_round_fraction if last else cfg.round_fraction)
+    fraction = float(last_round_setting(cfg, k, "last_round_fraction", cfg.round_fraction))
     return max(1, round(fraction * cfg.trainer.steps))
 
 
 def round_unlabeled_ratio(cfg: DictConfig, k: int) -> int:
     """Round k's unlabeled images per labeled one: ``last_round_unlabeled_ratio`` for the last
     round when set, ``batch.unlabeled_ratio`` otherwise."""
-    last = k == len(cfg.budgets) - 1 and cfg.last_round_unlabeled_ratio is not None
-    return int(cfg.last_round_unlabeled_ratio if last else cfg.batch.unlabeled_ratio)
+    return int(last_round_setting(cfg, k, "last_round_unlabeled_ratio", cfg.batch.unlabeled_ratio))
 
 
 def round_stream(cfg: DictConfig, k: int) -> int:
     """Round k's random stream: ``last_round_stream`` for the last round when set, 0 (the seed's
     own) otherwise."""
-    last = k == len(cfg.budgets) - 1 and cfg.last_round_stream is not None
-    return int(cfg.last_round_stream) if last else 0
+    return int(last_round_setting(cfg, k, "last_round_stream", 0))
 
 
 def round_seed(cfg: DictConfig, seed: int, k: int) -> int:
@@ -163,8 +167,7 @@ def round_algorithm(cfg: DictConfig, k: int) -> DictConfig:
     ``algorithm`` otherwise."""
     if is_distill_round(cfg, k):
         return cfg.distill_algorithm
-    last = k == len(cfg.budgets) - 1 and cfg.last_round_algorithm is not None
-    return cfg.last_round_algorithm if last else cfg.algorithm
+    return last_round_setting(cfg, k, "last_round_algorithm", cfg.algorithm)
 
 
 def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
@@ -390,9 +393,9 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     round_cfg.trainer.steps = round_steps(cfg, k)
     round_cfg.algorithm = round_algorithm(cfg, k)
     round_cfg.batch.unlabeled_ratio = round_unlabeled_ratio(cfg, k)
-    pl.seed_everything(round_seed(cfg, seed, k), workers=True)
-    learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool,
-                            round_seed(cfg, seed, k))
+    stream_seed = round_seed(cfg, seed, k)
+    pl.seed_everything(stream_seed, workers=True)
+    learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool, stream_seed)
     if warm:
         state = load_classifier(run.folder / f"round{k - 1}" / CLASSIFIER_FILE).state_dict()
         learner.model.load_state_dict(state)
