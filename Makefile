@@ -21,12 +21,15 @@ SELECT   ?= margin
 CKPT     ?=
 ARGS     ?=
 RUNS     ?=
+VIEWS    ?= flip
+comma    := ,
+space    := $(subst ,, )
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 # curve / search with a fine-tuned learner (LEARNER=supervised|fixmatch|...) instead of probes
 LEARNER  ?=
 LEARNER_ARG = $(if $(LEARNER),learner=$(LEARNER))
 
-.PHONY: setup data postgres keep test lint pretrain finetune active report probe curve search stats bench-pretrain \
+.PHONY: setup data postgres keep test lint pretrain finetune active report evaluate probe curve search stats bench-pretrain \
 	bench-precision bench-finetune bench-capacity bench-probcover gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data postgres
@@ -84,6 +87,11 @@ active:
 
 report:
 	$(FEWLABELS) report
+
+# Saved active runs' final models on the test set with test-time views (VIEWS=flip|none).
+evaluate:
+	@test -n "$(RUNS)" || { echo 'evaluate: give RUNS="checkpoints/finetuned/active-<run>-seed<S> ..."'; exit 2; }
+	$(FEWLABELS) evaluate runs=[$(subst $(space),$(comma),$(strip $(RUNS)))] views=$(VIEWS) $(ARGS)
 
 probe:
 	$(FEWLABELS) probe n=$(N) strategy=$(STRATEGY) probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)

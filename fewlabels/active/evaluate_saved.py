@@ -1,0 +1,138 @@
+"""``fewlabels evaluate``: the final models of finished active runs on the test set, asked about
+test-time views (``fewlabels.evaluate.TEST_VIEWS``: ``flip`` averages the softmax over an image
+and its mirror). Nothing is trained and no label is bought; the figures are the same models'
+with another evaluation, and choose nothing.
+
+Per seed folder (``checkpoints/finetuned/active-<run>-seed<S>``): the last round with a
+``round.json`` and its ``model.safetensors``; the queries it reports are checked against the label
+database (``check_recorded``), and the plain prediction is computed again beside the recorded
+``test_accuracy``, so that a model that is not the round's shows. Seeds of one run are grouped:
+``results/evaluate-<run>-<views>.json`` (per seed and mean ± std) and one W&B run per group
+(``job_type=evaluate``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fewlabels.active.run import ROUND_FILE
+from fewlabels.data import load_test_set
+from fewlabels.evaluate import TEST_VIEWS, evaluate, predict_probs
+from fewlabels.files import sha256_file, write_json_atomic
+from fewlabels.models.checkpoint import CLASSIFIER_FILE, CONFIG_FILE, load_classifier
+from fewlabels.oracle import check_recorded
+from fewlabels.runtime import git_commit
+from fewlabels.tracking import init_run
+
+SEED_FOLDER = re.compile(r"^(?P<run>active-.+)-seed(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class FinalRound:
+    """One seed folder's last finished round: where its model is and what it recorded."""
+
+    run: str        # the run's name, shared by its seeds
+    seed: int
+    folder: Path    # round<k>/
+    record: dict[str, Any]
+
+
+def final_round(seed_folder: Path) -> FinalRound:
+    """The last finished round of an active seed folder; ValueError, saying what to give, for
+    anything else."""
+    match = SEED_FOLDER.match(seed_folder.name)
+    if not seed_folder.is_dir() or match is None or not (seed_folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{seed_folder} is not an active seed folder: give folders such as "
+                         "checkpoints/finetuned/active-<run>-seed<S> (printed by 'make active', "
+                         "with config.yaml and round<k>/ inside)")
+    rounds = sorted((p for p in seed_folder.glob("round*")
+                     if p.name[5:].isdigit() and (p / ROUND_FILE).is_file()),
+                    key=lambda p: int(p.name[5:]))
+    if not rounds:
+        raise ValueError(f"{seed_folder} has no finished round (round<k>/{ROUND_FILE}): finish "
+                         "it with the 'make active' command that started it")
+    last = rounds[-1]
+    if not (last / CLASSIFIER_FILE).is_file():
+        raise ValueError(f"{last} has no {CLASSIFIER_FILE}: its model was not kept here; copy "
+                         "the round folder from the machine that trained it, or train it again")
+    return FinalRound(match["run"], int(match["seed"]), last,
+                      json.loads((last / ROUND_FILE).read_text()))
+
+
+def evaluate_round(final: FinalRound, images: np.ndarray, labels: np.ndarray, views: str,
+                   batch_size: int) -> dict[str, Any]:
+    """The round's model on the test set with and without ``views``."""
+    check_recorded(final.record["oracle_run_id"], final.record["n_queries"],
+                   final.folder / ROUND_FILE)
+    model = load_classifier(final.folder / CLASSIFIER_FILE)
+    x = torch.from_numpy(images)
+    plain = evaluate(predict_probs(model, x, "none", batch_size).argmax(1).numpy(), labels)
+    viewed = evaluate(predict_probs(model, x, views, batch_size).argmax(1).numpy(), labels)
+    return {"seed": final.seed, "round": final.record["round"],
+            "n_queries": final.record["n_queries"],
+            "oracle_run_id": final.record["oracle_run_id"], "folder": str(final.folder),
+            "model_sha256": sha256_file(final.folder / CLASSIFIER_FILE), "views": views,
+            "test_accuracy": viewed["test_accuracy"],
+            "per_class_accuracy": viewed["per_class_accuracy"],
+            "confusion_matrix": viewed["confusion_matrix"],
+            "test_accuracy_plain": plain["test_accuracy"],
+            "test_accuracy_recorded": final.record["test_accuracy"]}
+
+
+def evaluate_saved(cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
+    """Every seed folder in ``cfg.runs`` evaluated with ``cfg.views``; rows per run."""
+    if cfg.views not in TEST_VIEWS:
+        raise ValueError(f"views={cfg.views!r}: use one of {', '.join(TEST_VIEWS)}")
+    if not cfg.runs:
+        raise ValueError("runs=[]: give the seed folders to evaluate, e.g. "
+                         "RUNS=\"checkpoints/finetuned/active-<run>-seed0 …\"")
+    finals = [final_round(Path(str(folder))) for folder in cfg.runs]  # all checked first
+    test = load_test_set()
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for final in finals:
+        row = evaluate_round(final, test.images, test.labels, cfg.views, cfg.batch_size)
+        by_run.setdefault(final.run, []).append(row)
+        print(f"  {final.folder}: {row['n_queries']} labels counted, test accuracy "
+              f"{row['test_accuracy']:.2%} with views={cfg.views} (plain "
+              f"{row['test_accuracy_plain']:.2%}; recorded {row['test_accuracy_recorded']:.2%})",
+              flush=True)
+    for run, rows in by_run.items():
+        _write(cfg, run, rows)
+    return by_run
+
+
+def _write(cfg: DictConfig, run: str, rows: list[dict[str, Any]]) -> None:
+    acc = np.array([r["test_accuracy"] for r in rows])
+    plain = np.array([r["test_accuracy_plain"] for r in rows])
+    summary = {"run": run, "views": cfg.views, "seeds": [r["seed"] for r in rows],
+               "n_queries": [r["n_queries"] for r in rows],
+               "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+               "mean_plain": float(plain.mean()),
+               "std_plain": float(plain.std(ddof=1)) if len(plain) > 1 else 0.0,
+               "rows": rows, "git_commit": git_commit()}
+    out = Path(cfg.results_dir) / f"evaluate-{run}-{cfg.views}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, summary)
+    print(f"{run}: {summary['mean']:.2%} ± {summary['std']:.2%} with views={cfg.views} over "
+          f"seeds {summary['seeds']} (plain {summary['mean_plain']:.2%} ± "
+          f"{summary['std_plain']:.2%}); {out}", flush=True)
+    wandb_run = init_run(cfg, name=f"evaluate-{run}-{cfg.views}", group=run, job_type="evaluate")
+    import wandb
+
+    table = wandb.Table(columns=["seed", "n_queries", "test_accuracy", "test_accuracy_plain"],
+                        data=[[r["seed"], r["n_queries"], r["test_accuracy"],
+                               r["test_accuracy_plain"]] for r in rows])
+    wandb_run.log({"evaluate/seeds": table})
+    wandb_run.summary.update({"test_accuracy_mean": summary["mean"],
+                              "test_accuracy_std": summary["std"],
+                              "test_accuracy_plain_mean": summary["mean_plain"],
+                              "views": cfg.views, "n_seeds": len(rows)})
+    wandb_run.finish()
