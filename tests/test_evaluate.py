@@ -88,7 +88,7 @@ def test_evaluate_reads_each_seeds_final_round_and_writes_the_run_with_its_count
 
 
 def test_evaluate_says_what_to_give_for_bad_folders_and_views_and_writes_nothing(
-        tiny_checkpoint, tmp_path, capsys):
+        tiny_checkpoint, tmp_path, capsys, monkeypatch):
     run = _loop(tiny_checkpoint, tmp_path, seeds=1)[0]
     results = tmp_path / "results"
     before = sorted(results.iterdir())
@@ -104,10 +104,17 @@ def test_evaluate_says_what_to_give_for_bad_folders_and_views_and_writes_nothing
              (f"runs=[{run.folder},{no_model}]", f"has no {CLASSIFIER_FILE}"),
              (f"runs=[{unfinished}]", "has no finished round"),
              ("runs=[]", "give the seed folders"),
+             (f"runs=[{run.folder},{run.folder}]", "given more than once"),
              (f"runs=[{run.folder}] views=rot", "views='rot': use one of none, flip")]
     for overrides, message in cases:
         code = main(["evaluate", *overrides.split(), f"results_dir={results}",
                      f"logger.dir={tmp_path}"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (overrides, err)
+    # a database that does not hold the round's queries: its count would not be this database's
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{tmp_path / 'other.sqlite'}")
+    code = main(["evaluate", f"runs=[{run.folder}]", f"results_dir={results}",
+                 f"logger.dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "0 of them on record" in err and "Traceback" not in err, err
     assert sorted(results.iterdir()) == before  # every folder is checked before any is evaluated

@@ -70,8 +70,6 @@ def final_round(seed_folder: Path) -> FinalRound:
 def evaluate_round(final: FinalRound, images: np.ndarray, labels: np.ndarray, views: str,
                    batch_size: int) -> dict[str, Any]:
     """The round's model on the test set with and without ``views``."""
-    check_recorded(final.record["oracle_run_id"], final.record["n_queries"],
-                   final.folder / ROUND_FILE)
     model = load_classifier(final.folder / CLASSIFIER_FILE)
     x = torch.from_numpy(images)
     plain = evaluate(predict_probs(model, x, "none", batch_size).argmax(1).numpy(), labels)
@@ -94,7 +92,15 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
     if not cfg.runs:
         raise ValueError("runs=[]: give the seed folders to evaluate, e.g. "
                          "RUNS=\"checkpoints/finetuned/active-<run>-seed0 …\"")
-    finals = [final_round(Path(str(folder))) for folder in cfg.runs]  # all checked first
+    folders = [Path(str(folder)).resolve() for folder in cfg.runs]
+    twice = sorted({str(f) for f in folders if folders.count(f) > 1})
+    if twice:
+        raise ValueError(f"runs: {', '.join(twice)} given more than once; give each seed folder "
+                         "once, or its seed would count twice in the mean")
+    finals = [final_round(folder) for folder in folders]  # all checked before any is evaluated
+    for final in finals:
+        check_recorded(final.record["oracle_run_id"], final.record["n_queries"],
+                       final.folder / ROUND_FILE)
     test = load_test_set()
     by_run: dict[str, list[dict[str, Any]]] = {}
     for final in finals:
