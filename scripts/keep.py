@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fewlabels.active.run import ROUND_FILE, SELECTION_FILE
+from fewlabels.active.run import ROUND_FILE, SELECTION_FILE, round_folders
 from fewlabels.models.checkpoint import (
     BACKBONE_FILE,
     CLASSIFIER_FILE,
@@ -37,8 +37,7 @@ def files_to_keep(folder: Path) -> list[Path]:
     if (folder / BACKBONE_FILE).is_file():
         return [folder / name for name in (BACKBONE_FILE, CONFIG_FILE, PROVENANCE_FILE)
                 if (folder / name).is_file()]
-    rounds = sorted((p for p in folder.glob("round*") if p.name[5:].isdigit()),
-                    key=lambda p: int(p.name[5:]))
+    rounds = round_folders(folder)
     if not (folder / CONFIG_FILE).is_file() or not rounds:
         raise ValueError(f"{folder} is neither a pretrained backbone folder (with "
                          f"{BACKBONE_FILE}) nor an active seed folder (with {CONFIG_FILE} and "

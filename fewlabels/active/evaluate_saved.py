@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fewlabels.active.run import ROUND_FILE
+from fewlabels.active.run import ROUND_FILE, round_folders
 from fewlabels.data import load_test_set
 from fewlabels.evaluate import TEST_VIEWS, evaluate, predict_probs
 from fewlabels.files import sha256_file, write_json_atomic
@@ -53,9 +53,7 @@ def final_round(seed_folder: Path) -> FinalRound:
         raise ValueError(f"{seed_folder} is not an active seed folder: give folders such as "
                          "checkpoints/finetuned/active-<run>-seed<S> (printed by 'make active', "
                          "with config.yaml and round<k>/ inside)")
-    rounds = sorted((p for p in seed_folder.glob("round*")
-                     if p.name[5:].isdigit() and (p / ROUND_FILE).is_file()),
-                    key=lambda p: int(p.name[5:]))
+    rounds = [p for p in round_folders(seed_folder) if (p / ROUND_FILE).is_file()]
     if not rounds:
         raise ValueError(f"{seed_folder} has no finished round (round<k>/{ROUND_FILE}): finish "
                          "it with the 'make active' command that started it")

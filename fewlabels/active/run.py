@@ -191,6 +191,12 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
                      Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{name}-seed{seed}")
 
 
+def round_folders(seed_folder: Path) -> list[Path]:
+    """A seed folder's ``round<k>/`` folders, in round order (finished or not)."""
+    return sorted((p for p in seed_folder.glob("round*") if p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
+
+
 def curve_name(name: str, seeds: list[int]) -> str:
     """The results file stem of a run's seeds: the run's name for seeds 0, 1, …; another seed set
     (``first_seed`` > 0) gets its own files rather than overwriting those."""
