@@ -47,6 +47,13 @@ def predict_probs(model: nn.Module, images: torch.Tensor, views: str = "none",
     return torch.cat(out)
 
 
+def mean_std(accuracies: list[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0.0 for one seed): the spread every report
+    gives beside its mean."""
+    accs = np.asarray(accuracies, dtype=np.float64)
+    return float(accs.mean()), float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+
+
 def evaluate(predictions: np.ndarray, test_labels: np.ndarray) -> dict[str, object]:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class)."""
     confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)

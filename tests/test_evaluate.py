@@ -16,7 +16,7 @@ from fewlabels.active.run import active, active_run
 from fewlabels.cli import main
 from fewlabels.config import compose
 from fewlabels.data.transforms import normalize_uint8
-from fewlabels.evaluate import predict_probs
+from fewlabels.evaluate import mean_std, predict_probs
 from fewlabels.models import open_checkpoint
 from fewlabels.models.checkpoint import CLASSIFIER_FILE
 from fewlabels.tracking import read_offline_run
@@ -44,6 +44,12 @@ def test_flip_views_average_an_image_and_its_mirror_so_a_mirrored_image_gets_the
     assert model.training  # the model's mode is given back
     with pytest.raises(ValueError, match="unknown test-time views 'rot'"):
         predict_probs(model, images, "rot")
+
+
+def test_mean_std_is_the_mean_and_sample_spread_over_seeds_and_zero_for_one_seed():
+    assert mean_std([0.9]) == (pytest.approx(0.9), 0.0)
+    mean, std = mean_std(np.array([0.88, 0.89, 0.90]))
+    assert mean == pytest.approx(0.89) and std == pytest.approx(0.01)  # ddof=1, not 0.00816
 
 
 def _loop(tiny_checkpoint, tmp, seeds: int):

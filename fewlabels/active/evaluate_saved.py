@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from fewlabels.active.run import ROUND_FILE, round_folders
 from fewlabels.data import load_test_set
-from fewlabels.evaluate import TEST_VIEWS, evaluate, predict_probs
+from fewlabels.evaluate import TEST_VIEWS, evaluate, mean_std, predict_probs
 from fewlabels.files import sha256_file, write_json_atomic
 from fewlabels.models.checkpoint import CLASSIFIER_FILE, CONFIG_FILE, load_classifier
 from fewlabels.oracle import check_recorded
@@ -114,14 +114,12 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
 
 
 def _write(cfg: DictConfig, run: str, rows: list[dict[str, Any]]) -> None:
-    acc = np.array([r["test_accuracy"] for r in rows])
-    plain = np.array([r["test_accuracy_plain"] for r in rows])
+    mean, std = mean_std([r["test_accuracy"] for r in rows])
+    mean_plain, std_plain = mean_std([r["test_accuracy_plain"] for r in rows])
     summary = {"run": run, "views": cfg.views, "seeds": [r["seed"] for r in rows],
-               "n_queries": [r["n_queries"] for r in rows],
-               "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-               "mean_plain": float(plain.mean()),
-               "std_plain": float(plain.std(ddof=1)) if len(plain) > 1 else 0.0,
-               "rows": rows, "git_commit": git_commit()}
+               "n_queries": [r["n_queries"] for r in rows], "mean": mean, "std": std,
+               "mean_plain": mean_plain, "std_plain": std_plain, "rows": rows,
+               "git_commit": git_commit()}
     out = Path(cfg.results_dir) / f"evaluate-{run}-{cfg.views}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, summary)

@@ -52,7 +52,7 @@ from fewlabels.active import ACQUISITIONS
 from fewlabels.config import compose
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.data.transforms import normalize_uint8
-from fewlabels.evaluate import evaluate
+from fewlabels.evaluate import evaluate, mean_std
 from fewlabels.files import atomic_path, write_json_atomic
 from fewlabels.models.checkpoint import (
     CLASSIFIER_FILE,
@@ -479,12 +479,11 @@ def curve_rows(per_seed: list[list[dict[str, Any]]], budgets: list[int]) -> list
     """One row per round: what the database counted and the test accuracy over seeds."""
     rows = []
     for k, budget in enumerate(budgets):
-        accs = np.array([rounds[k]["test_accuracy"] for rounds in per_seed])
+        accs = [rounds[k]["test_accuracy"] for rounds in per_seed]
         queries = [rounds[k]["n_queries"] for rounds in per_seed]
+        mean, std = mean_std(accs)
         rows.append({"round": k, "budget": budget, "queries_per_seed": max(queries),
-                     "queries_total": sum(queries), "seeds": len(accs),
-                     "mean": float(accs.mean()),
-                     "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                     "queries_total": sum(queries), "seeds": len(accs), "mean": mean, "std": std,
                      "accuracies": " ".join(f"{a:.4f}" for a in accs),
                      "wall_time_s": round(sum(wall_time_s(r[k]) for r in per_seed), 1)})
     return rows

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fewlabels.data import load_test_set, load_train_images
-from fewlabels.evaluate import evaluate
+from fewlabels.evaluate import evaluate, mean_std
 from fewlabels.files import atomic_path, write_json_atomic
 from fewlabels.models.checkpoint import Checkpoint, newest_checkpoint, open_checkpoint
 from fewlabels.names import safe_name
@@ -179,10 +179,11 @@ def _log_probe_run(cfg: DictConfig, ckpt: Checkpoint, run_id: str,
 def _summary_row(n: int, strategy: str, name: str, seed_rows: list[dict[str, Any]],
                  run_id_key: str) -> dict[str, Any]:
     """One curve row from the per-seed results of one learner at one N."""
-    accs = np.array([r["test_accuracy"] for r in seed_rows])
+    accs = [float(r["test_accuracy"]) for r in seed_rows]
+    mean, std = mean_std(accs)
     return {"n": n, "strategy": strategy, "probe": name, "seeds": len(seed_rows),
-            "mean": float(accs.mean()), "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-            "accuracies": accs.tolist(), "queries": int(sum(r["n_queries"] for r in seed_rows)),
+            "mean": mean, "std": std, "accuracies": accs,
+            "queries": int(sum(r["n_queries"] for r in seed_rows)),
             "run_ids": [r[run_id_key] for r in seed_rows]}
 
 

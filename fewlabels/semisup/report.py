@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from fewlabels.evaluate import mean_std
 from fewlabels.runtime import wall_time_s
 
 
@@ -25,10 +26,9 @@ def rows(results_dir: str | Path) -> list[dict[str, Any]]:
     out = []
     for (ckpt, algorithm, strategy, n, _), runs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2], kv[0][4])):
-        accs = np.array([r["test_accuracy"] for r in runs])
+        mean, std = mean_std([r["test_accuracy"] for r in runs])
         out.append({"checkpoint": ckpt, "algorithm": algorithm, "strategy": strategy, "n": n,
-                    "seeds": sorted(r["seed"] for r in runs), "mean": float(accs.mean()),
-                    "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                    "seeds": sorted(r["seed"] for r in runs), "mean": mean, "std": std,
                     "queries": sum(r["n_queries"] for r in runs),
                     "steps": sorted({r["steps"] for r in runs}),
                     "ended_by": sorted({r["ended_by"] for r in runs}),

@@ -28,7 +28,7 @@ from pytorch_lightning.loggers import WandbLogger
 from fewlabels.config import to_yaml
 from fewlabels.data import CLASSES, N_CLASSES, load_test_set, load_train_images
 from fewlabels.data.transforms import StrongView, WeakView
-from fewlabels.evaluate import evaluate
+from fewlabels.evaluate import evaluate, mean_std
 from fewlabels.files import atomic_path, write_json_atomic, write_text_atomic
 from fewlabels.models.checkpoint import (
     CLASSIFIER_FILE,
@@ -377,10 +377,10 @@ def finetune(cfg: DictConfig) -> list[dict[str, Any]]:
     train_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)
     results = [train_seed(cfg, ckpt, pool, train_feats, test.images, test.labels,
                           cfg.first_seed + s) for s in range(cfg.seeds)]
-    accs = np.array([r["test_accuracy"] for r in results])
-    std = accs.std(ddof=1) if len(accs) > 1 else 0.0
+    accs = [r["test_accuracy"] for r in results]
+    mean, std = mean_std(accs)
     print(f"checkpoint: {ckpt.folder}\nalgorithm={cfg.algorithm.name} strategy={cfg.strategy} "
-          f"N={cfg.n}: test accuracy {accs.mean():.2%} ± {std:.2%} ({len(accs)} seeds: "
+          f"N={cfg.n}: test accuracy {mean:.2%} ± {std:.2%} ({len(accs)} seeds: "
           f"{', '.join(f'{a:.2%}' for a in accs)}); "
           f"{sum(r['n_queries'] for r in results)} queries counted by the label database; "
           f"{sum(wall_time_s(r) for r in results) / 60:.1f} min")
