@@ -170,26 +170,31 @@ def pretrain(cfg: DictConfig) -> Path:
     commit = git_commit()  # the code this run starts with, even if the tree changes meanwhile
     trainer.fit(module, make_loader(cfg, images), ckpt_path=resume_from)
     wall, wall_all = clock.this_invocation, clock.seconds
-    ended_by = ("epochs" if trainer.current_epoch >= tr.max_epochs
+    # by steps: Lightning advances current_epoch past an epoch a timer stopped part-way
+    steps_configured = int(trainer.estimated_stepping_batches)
+    epochs_completed = trainer.global_step // (steps_configured // tr.max_epochs)
+    ended_by = ("epochs" if trainer.global_step >= steps_configured
                 else "time budget" if budget_spent(trainer) else "time cap")
+    done = (f"{epochs_completed} of {tr.max_epochs} epochs (step {trainer.global_step} of "
+            f"{steps_configured})")
     if ended_by == "time budget" and trainer.is_global_zero:
-        print(f"\ntrainer.time_budget={tr.time_budget} ended {name} after "
-              f"{trainer.current_epoch} of {tr.max_epochs} epochs, its schedules annealed over "
-              "that time, as configured. Running the command again trains no further.",
-              flush=True)
+        print(f"\ntrainer.time_budget={tr.time_budget} ended {name} after {done}, its schedules "
+              "annealed over that time, as configured. Running the command again trains no "
+              "further.", flush=True)
     if ended_by == "time cap" and trainer.is_global_zero:
         print(f"\nWARNING: trainer.max_time={tr.max_time} stopped this invocation of {name} "
-              f"after {trainer.current_epoch} of {tr.max_epochs} epochs: this backbone is NOT "
-              "yet the one the command describes. Run the same command again to train the "
-              "remaining epochs (it resumes from last.ckpt, on the same schedule).", flush=True)
+              f"after {done}: this backbone is NOT yet the one the command describes. Run the "
+              "same command again to train the remaining steps (it resumes from last.ckpt, on "
+              "the same schedule).", flush=True)
     if trainer.is_global_zero:
         export_backbone(module, cfg, ckpt_dir / BACKBONE_FILE)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         write_json_atomic(ckpt_dir / PROVENANCE_FILE, {
             "run_name": name, "method": cfg.method.name, "preset": cfg.preset,
             "backbone": cfg.backbone.name, "feature_dim": module.feature_dim,
-            "epochs_completed": trainer.current_epoch, "epochs_configured": tr.max_epochs,
+            "epochs_completed": epochs_completed, "epochs_configured": tr.max_epochs,
             "ended_by": ended_by, "global_step": trainer.global_step,
+            "steps_configured": steps_configured,
             "images": len(images), "wall_time_s": round(wall_all, 1),
             "wall_time_s_this_invocation": round(wall, 1),
             "resumed_from": str(resume_from) if resume_from else None,
@@ -198,8 +203,8 @@ def pretrain(cfg: DictConfig) -> Path:
             "wandb_run_id": logger.version, "final_metrics": metrics,
         })
         logger.experiment.summary.update({"wall_time_s": wall_all,
-                                          "epochs_completed": trainer.current_epoch})
+                                          "epochs_completed": epochs_completed})
         logger.experiment.finish()
-        print(f"\nCheckpoint: {ckpt_dir / BACKBONE_FILE} ({trainer.current_epoch} epochs, "
+        print(f"\nCheckpoint: {ckpt_dir / BACKBONE_FILE} ({epochs_completed} epochs, "
               f"{wall_all / 60:.1f} min). Probe it: make probe N=100 CKPT={ckpt_dir}")
     return ckpt_dir
