@@ -88,10 +88,12 @@ active:
 report:
 	$(FEWLABELS) report
 
-# Saved active runs' final models on the test set with test-time views (VIEWS=flip|none).
+# Saved active runs' final models on the test set with test-time views (VIEWS=flip|none);
+# ENSEMBLE=1: each seed's folders are the members of one classifier (mean softmax).
 evaluate:
 	@test -n "$(RUNS)" || { echo 'evaluate: give RUNS="checkpoints/finetuned/active-<run>-seed<S> ..."'; exit 2; }
-	$(FEWLABELS) evaluate runs=[$(subst $(space),$(comma),$(strip $(RUNS)))] views=$(VIEWS) $(ARGS)
+	$(FEWLABELS) evaluate runs=[$(subst $(space),$(comma),$(strip $(RUNS)))] views=$(VIEWS) \
+		$(if $(ENSEMBLE),ensemble=$(or $(if $(filter 1,$(ENSEMBLE)),true),$(if $(filter 0,$(ENSEMBLE)),false),$(ENSEMBLE))) $(ARGS)
 
 probe:
 	$(FEWLABELS) probe n=$(N) strategy=$(STRATEGY) probe=$(PROBE) seeds=$(SEEDS) $(CKPT_ARG) $(ARGS)

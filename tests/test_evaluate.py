@@ -15,10 +15,11 @@ from fewlabels.active.evaluate_saved import evaluate_saved
 from fewlabels.active.run import active, active_run
 from fewlabels.cli import main
 from fewlabels.config import compose
+from fewlabels.data import load_test_set
 from fewlabels.data.transforms import normalize_uint8
 from fewlabels.evaluate import mean_std, predict_probs
 from fewlabels.models import open_checkpoint
-from fewlabels.models.checkpoint import CLASSIFIER_FILE
+from fewlabels.models.checkpoint import CLASSIFIER_FILE, load_classifier
 from fewlabels.tracking import read_offline_run
 
 
@@ -52,11 +53,11 @@ def test_mean_std_is_the_mean_and_sample_spread_over_seeds_and_zero_for_one_seed
     assert mean == pytest.approx(0.89) and std == pytest.approx(0.01)  # ddof=1, not 0.00816
 
 
-def _loop(tiny_checkpoint, tmp, seeds: int):
+def _loop(tiny_checkpoint, tmp, seeds: int, *overrides: str):
     cfg = compose("active", ["preset=tiny", f"checkpoint={tiny_checkpoint}",
                              "algorithm=supervised", "budgets=[10,20]", f"seeds={seeds}",
                              "trainer.steps=10", f"checkpoint_dir={tmp / 'ckpt'}",
-                             f"results_dir={tmp / 'results'}", f"logger.dir={tmp}"])
+                             f"results_dir={tmp / 'results'}", f"logger.dir={tmp}", *overrides])
     active(cfg)
     ckpt = open_checkpoint(tiny_checkpoint)
     return [active_run(cfg, ckpt, s) for s in range(seeds)]
@@ -124,3 +125,87 @@ def test_evaluate_says_what_to_give_for_bad_folders_and_views_and_writes_nothing
     err = capsys.readouterr().err
     assert code == 2 and "0 of them on record" in err and "Traceback" not in err, err
     assert sorted(results.iterdir()) == before  # every folder is checked before any is evaluated
+
+
+def test_an_ensemble_of_a_run_and_its_stream_branch_is_their_mean_softmax_on_the_same_ids(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``ensemble=true`` on two seeds of a run and of its ``last_round_stream=1`` branch (given
+    in another order for seed 1): per seed the mean of the two final models' softmax outputs,
+    each member's own figure beside, and the labels counted are the distinct ids of both oracle
+    runs together: the same 20 ids, so 20, not 40."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    source = _loop(tiny_checkpoint, tmp_path, 2)
+    branch = _loop(tiny_checkpoint, tmp_path, 2, "last_round_stream=1",
+                   f"branch_from={source[0].name}")
+    assert branch[0].name == source[0].name + "-stream1"
+    folders = [source[0].folder, branch[0].folder, branch[1].folder, source[1].folder]
+    cfg = compose("evaluate", [f"runs=[{','.join(map(str, folders))}]", "views=none",
+                               "ensemble=true", f"results_dir={tmp_path / 'results'}",
+                               f"logger.dir={tmp_path}"])
+    name = f"{source[0].name}-ensemble2"
+    rows = evaluate_saved(cfg)[name]
+    test = load_test_set()
+    for row, seed in zip(rows, (0, 1), strict=True):
+        members = [source[seed], branch[seed]]
+        assert row["seed"] == seed and [m["run"] for m in row["members"]] == \
+            [source[0].name, branch[0].name]  # the first seed's order, for every seed
+        ids = [json.loads((m.folder / "round1" / "round.json").read_text())["ids"]
+               for m in members]
+        assert sorted(ids[0]) == sorted(ids[1]) and len(set(ids[0])) == 20
+        assert row["n_queries"] == 20 and [m["n_queries"] for m in row["members"]] == [20, 20]
+        probs = [predict_probs(load_classifier(m.folder / "round1" / CLASSIFIER_FILE),
+                               torch.from_numpy(test.images)) for m in members]
+        joint = (probs[0] + probs[1]).argmax(1).numpy()
+        assert row["test_accuracy"] == pytest.approx(float((joint == test.labels).mean()))
+        alone = [float((p.argmax(1).numpy() == test.labels).mean()) for p in probs]
+        assert [m["test_accuracy"] for m in row["members"]] == pytest.approx(alone)
+        # two members that differ: the ensemble is not one of them renamed
+        assert not np.array_equal(joint, probs[0].argmax(1).numpy()) or \
+            not np.array_equal(joint, probs[1].argmax(1).numpy())
+    summary = json.loads((tmp_path / "results" / f"evaluate-{name}-none.json").read_text())
+    assert summary["members"] == [source[0].name, branch[0].name] and summary["ensemble"]
+    assert summary["n_queries"] == [20, 20]
+    assert summary["mean"] == pytest.approx(np.mean([r["test_accuracy"] for r in rows]))
+    assert summary["member_means"][branch[0].name]["mean"] == pytest.approx(
+        np.mean([r["members"][1]["test_accuracy"] for r in rows]))
+    logged = [read_offline_run(p) for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")]
+    ensembles = [r for r in logged if r["summary"].get("ensemble_members") == 2]
+    assert len(ensembles) == 1
+    assert ensembles[0]["summary"]["test_accuracy_mean"] == pytest.approx(summary["mean"])
+
+
+def test_an_ensemble_of_members_revealed_different_ids_counts_their_union(
+        tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    typiclust = _loop(tiny_checkpoint, tmp_path, 1)[0]
+    other = _loop(tiny_checkpoint, tmp_path, 1, "strategy=random")[0]
+    ids = [set(json.loads((run.folder / "round1" / "round.json").read_text())["ids"])
+           for run in (typiclust, other)]
+    assert ids[0] != ids[1]
+    cfg = compose("evaluate", [f"runs=[{typiclust.folder},{other.folder}]", "views=none",
+                               "ensemble=true", f"results_dir={tmp_path / 'results'}",
+                               f"logger.dir={tmp_path}"])
+    (row,) = evaluate_saved(cfg)[f"{typiclust.name}-ensemble2"]
+    assert row["n_queries"] == len(ids[0] | ids[1]) > 20
+    assert f"the ensemble counts their union, {row['n_queries']} labels, not 20" in \
+        capsys.readouterr().out
+
+
+def test_an_ensemble_says_what_to_give_for_members_that_are_not_one_per_run_and_seed(
+        tiny_checkpoint, tmp_path, capsys):
+    source = _loop(tiny_checkpoint, tmp_path, 2)
+    other = _loop(tiny_checkpoint, tmp_path, 1, "strategy=random")[0]
+    results = tmp_path / "results"
+    before = sorted(results.iterdir())
+    cases = [(f"runs=[{source[0].folder},{source[1].folder}] ensemble=true",
+              "give two or more seed folders of different runs for each seed"),
+             (f"runs=[{source[0].folder},{other.folder},{source[1].folder}] ensemble=true",
+              "give the same member runs for every seed"),
+             (f"runs=[{source[0].folder}] ensemble=yes", "ensemble='yes': use true"),
+             (f"runs=[{source[0].folder}] ensemble=1", "ensemble=1: use true")]
+    for overrides, message in cases:
+        code = main(["evaluate", *overrides.split(), f"results_dir={results}",
+                     f"logger.dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (overrides, err)
+    assert sorted(results.iterdir()) == before
