@@ -15,11 +15,12 @@ their softmax outputs (equal weights, each member asked about ``views``). Every 
 the same member runs (e.g. a run and its ``last_round_stream=1`` branch), and the labels the
 ensemble counts are the distinct ids the database revealed to its members' oracle runs together;
 each member's own figure is reported beside. ``results/evaluate-<first member run>-ensemble<K>-
-<views>.json``.
+<digest of the member runs>-<views>.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -178,7 +179,9 @@ def _evaluate_ensembles(cfg: DictConfig, by_seed: dict[int, list[FinalRound]],
                         ) -> dict[str, list[dict[str, Any]]]:
     test = load_test_set()
     first = next(iter(by_seed.values()))
-    name = f"{first[0].run}-ensemble{len(first)}"
+    # the member runs named by a digest: two ensembles of one run do not share a file
+    digest = hashlib.sha256("\n".join(m.run for m in first).encode()).hexdigest()[:8]
+    name = f"{first[0].run}-ensemble{len(first)}-{digest}"
     rows = []
     for seed, members in by_seed.items():
         row = evaluate_ensemble(members, test.images, test.labels, cfg.views, cfg.batch_size)
