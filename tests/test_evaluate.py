@@ -94,6 +94,16 @@ def test_evaluate_reads_each_seeds_final_round_and_writes_the_run_with_its_count
     assert evaluations[0]["summary"]["test_accuracy_mean"] == pytest.approx(summary["mean"])
 
 
+def _assert_refused(cases, results, tmp_path, capsys) -> None:
+    """Each ``(overrides, message)`` makes ``fewlabels evaluate`` exit 2 with ``message`` and no
+    traceback."""
+    for overrides, message in cases:
+        code = main(["evaluate", *overrides.split(), f"results_dir={results}",
+                     f"logger.dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (overrides, err)
+
+
 def test_evaluate_says_what_to_give_for_bad_folders_and_views_and_writes_nothing(
         tiny_checkpoint, tmp_path, capsys, monkeypatch):
     run = _loop(tiny_checkpoint, tmp_path, seeds=1)[0]
@@ -113,11 +123,7 @@ def test_evaluate_says_what_to_give_for_bad_folders_and_views_and_writes_nothing
              ("runs=[]", "give the seed folders"),
              (f"runs=[{run.folder},{run.folder}]", "given more than once"),
              (f"runs=[{run.folder}] views=rot", "views='rot': use one of none, flip")]
-    for overrides, message in cases:
-        code = main(["evaluate", *overrides.split(), f"results_dir={results}",
-                     f"logger.dir={tmp_path}"])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and "Traceback" not in err, (overrides, err)
+    _assert_refused(cases, results, tmp_path, capsys)
     # a database that does not hold the round's queries: its count would not be this database's
     monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{tmp_path / 'other.sqlite'}")
     code = main(["evaluate", f"runs=[{run.folder}]", f"results_dir={results}",
@@ -204,9 +210,5 @@ def test_an_ensemble_says_what_to_give_for_members_that_are_not_one_per_run_and_
               "give the same member runs for every seed"),
              (f"runs=[{source[0].folder}] ensemble=yes", "ensemble='yes': use true"),
              (f"runs=[{source[0].folder}] ensemble=1", "ensemble=1: use true")]
-    for overrides, message in cases:
-        code = main(["evaluate", *overrides.split(), f"results_dir={results}",
-                     f"logger.dir={tmp_path}"])
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and "Traceback" not in err, (overrides, err)
+    _assert_refused(cases, results, tmp_path, capsys)
     assert sorted(results.iterdir()) == before
