@@ -73,6 +73,14 @@ def final_round(seed_folder: Path) -> FinalRound:
                       json.loads((last / ROUND_FILE).read_text()))
 
 
+def provenance(final: FinalRound) -> dict[str, Any]:
+    """What a row says about the round it evaluates: its record, folder and model hash."""
+    return {"round": final.record["round"], "n_queries": final.record["n_queries"],
+            "oracle_run_id": final.record["oracle_run_id"], "folder": str(final.folder),
+            "model_sha256": sha256_file(final.folder / CLASSIFIER_FILE),
+            "test_accuracy_recorded": final.record["test_accuracy"]}
+
+
 def evaluate_round(final: FinalRound, images: np.ndarray, labels: np.ndarray, views: str,
                    batch_size: int) -> dict[str, Any]:
     """The round's model on the test set with and without ``views``."""
@@ -80,15 +88,11 @@ def evaluate_round(final: FinalRound, images: np.ndarray, labels: np.ndarray, vi
     x = torch.from_numpy(images)
     plain = evaluate(predict_probs(model, x, "none", batch_size).argmax(1).numpy(), labels)
     viewed = evaluate(predict_probs(model, x, views, batch_size).argmax(1).numpy(), labels)
-    return {"seed": final.seed, "round": final.record["round"],
-            "n_queries": final.record["n_queries"],
-            "oracle_run_id": final.record["oracle_run_id"], "folder": str(final.folder),
-            "model_sha256": sha256_file(final.folder / CLASSIFIER_FILE), "views": views,
+    return {"seed": final.seed, **provenance(final), "views": views,
             "test_accuracy": viewed["test_accuracy"],
             "per_class_accuracy": viewed["per_class_accuracy"],
             "confusion_matrix": viewed["confusion_matrix"],
-            "test_accuracy_plain": plain["test_accuracy"],
-            "test_accuracy_recorded": final.record["test_accuracy"]}
+            "test_accuracy_plain": plain["test_accuracy"]}
 
 
 def ensemble_members(finals: list[FinalRound]) -> dict[int, list[FinalRound]]:
@@ -122,14 +126,9 @@ def evaluate_ensemble(members: list[FinalRound], images: np.ndarray, labels: np.
         member_probs = predict_probs(load_classifier(member.folder / CLASSIFIER_FILE), x, views,
                                      batch_size)
         probs.append(member_probs)
-        rows.append({"run": member.run, "round": member.record["round"],
-                     "n_queries": member.record["n_queries"],
-                     "oracle_run_id": member.record["oracle_run_id"],
-                     "folder": str(member.folder),
-                     "model_sha256": sha256_file(member.folder / CLASSIFIER_FILE),
+        rows.append({"run": member.run, **provenance(member),
                      "test_accuracy": evaluate(member_probs.argmax(1).numpy(),
-                                               labels)["test_accuracy"],
-                     "test_accuracy_recorded": member.record["test_accuracy"]})
+                                               labels)["test_accuracy"]})
     joint = evaluate(torch.stack(probs).mean(0).argmax(1).numpy(), labels)
     n_queries = distinct_ids_revealed(sorted({r["oracle_run_id"] for r in rows}))
     return {"seed": members[0].seed, "n_queries": n_queries, "views": views,
@@ -204,27 +203,38 @@ def _evaluate_ensembles(cfg: DictConfig, by_seed: dict[int, list[FinalRound]],
                "mean": mean, "std": std,
                "member_means": {run: {"mean": m, "std": s} for run, (m, s) in member_means.items()},
                "rows": rows, "git_commit": git_commit()}
-    out = Path(cfg.results_dir) / f"evaluate-{name}-{cfg.views}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, summary)
+    out = _save(cfg, name, summary)
     print(f"{name}: {mean:.2%} ± {std:.2%} with views={cfg.views} over seeds "
           f"{summary['seeds']}, {summary['n_queries']} labels counted; members alone: "
           + ", ".join(f"{m:.2%} ± {s:.2%}" for m, s in member_means.values()) + f"; {out}",
           flush=True)
-    wandb_run = init_run(cfg, name=f"evaluate-{name}-{cfg.views}", group=first[0].run,
+    _log(cfg, name, first[0].run,
+         ["seed", "n_queries", "test_accuracy",
+          *[f"member{i}_test_accuracy" for i in range(len(members))]],
+         [[r["seed"], r["n_queries"], r["test_accuracy"],
+           *[m["test_accuracy"] for m in r["members"]]] for r in rows],
+         {"test_accuracy_mean": mean, "test_accuracy_std": std, "views": cfg.views,
+          "n_seeds": len(rows), "ensemble_members": len(members)})
+    return {name: rows}
+
+
+def _save(cfg: DictConfig, name: str, summary: dict[str, Any]) -> Path:
+    out = Path(cfg.results_dir) / f"evaluate-{name}-{cfg.views}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, summary)
+    return out
+
+
+def _log(cfg: DictConfig, name: str, group: str, columns: list[str], data: list[list[Any]],
+         wandb_summary: dict[str, Any]) -> None:
+    """One W&B run (``job_type=evaluate``): the per-seed table and the summary figures."""
+    wandb_run = init_run(cfg, name=f"evaluate-{name}-{cfg.views}", group=group,
                          job_type="evaluate")
     import wandb
 
-    table = wandb.Table(columns=["seed", "n_queries", "test_accuracy",
-                                 *[f"member{i}_test_accuracy" for i in range(len(members))]],
-                        data=[[r["seed"], r["n_queries"], r["test_accuracy"],
-                               *[m["test_accuracy"] for m in r["members"]]] for r in rows])
-    wandb_run.log({"evaluate/seeds": table})
-    wandb_run.summary.update({"test_accuracy_mean": mean, "test_accuracy_std": std,
-                              "views": cfg.views, "n_seeds": len(rows),
-                              "ensemble_members": len(members)})
+    wandb_run.log({"evaluate/seeds": wandb.Table(columns=columns, data=data)})
+    wandb_run.summary.update(wandb_summary)
     wandb_run.finish()
-    return {name: rows}
 
 
 def _write(cfg: DictConfig, run: str, rows: list[dict[str, Any]]) -> None:
@@ -234,21 +244,13 @@ def _write(cfg: DictConfig, run: str, rows: list[dict[str, Any]]) -> None:
                "n_queries": [r["n_queries"] for r in rows], "mean": mean, "std": std,
                "mean_plain": mean_plain, "std_plain": std_plain, "rows": rows,
                "git_commit": git_commit()}
-    out = Path(cfg.results_dir) / f"evaluate-{run}-{cfg.views}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, summary)
+    out = _save(cfg, run, summary)
     print(f"{run}: {summary['mean']:.2%} ± {summary['std']:.2%} with views={cfg.views} over "
           f"seeds {summary['seeds']} (plain {summary['mean_plain']:.2%} ± "
           f"{summary['std_plain']:.2%}); {out}", flush=True)
-    wandb_run = init_run(cfg, name=f"evaluate-{run}-{cfg.views}", group=run, job_type="evaluate")
-    import wandb
-
-    table = wandb.Table(columns=["seed", "n_queries", "test_accuracy", "test_accuracy_plain"],
-                        data=[[r["seed"], r["n_queries"], r["test_accuracy"],
-                               r["test_accuracy_plain"]] for r in rows])
-    wandb_run.log({"evaluate/seeds": table})
-    wandb_run.summary.update({"test_accuracy_mean": summary["mean"],
-                              "test_accuracy_std": summary["std"],
-                              "test_accuracy_plain_mean": summary["mean_plain"],
-                              "views": cfg.views, "n_seeds": len(rows)})
-    wandb_run.finish()
+    _log(cfg, run, run, ["seed", "n_queries", "test_accuracy", "test_accuracy_plain"],
+         [[r["seed"], r["n_queries"], r["test_accuracy"], r["test_accuracy_plain"]]
+          for r in rows],
+         {"test_accuracy_mean": summary["mean"], "test_accuracy_std": summary["std"],
+          "test_accuracy_plain_mean": summary["mean_plain"], "views": cfg.views,
+          "n_seeds": len(rows)})
