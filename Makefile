@@ -52,7 +52,8 @@ data: $(VENV)/.installed
 # machine"): stages the files scripts/keep.py names and the ledger, which `make setup` imports.
 keep: $(VENV)/.installed
 	@test -n "$(RUNS)" || { echo 'keep: give RUNS="checkpoints/<run> checkpoints/finetuned/active-<run>-seed<S> ..."'; exit 2; }
-	files="$$($(PY) scripts/keep.py $(RUNS))" && $(FEWLABELS) oracle export --out $(LEDGER) \
+	@case "$(UNFINISHED)" in ""|0|1) ;; *) echo 'keep: UNFINISHED=$(UNFINISHED): give UNFINISHED=1 (also keep the training state of a round killed mid-training) or leave it out'; exit 2;; esac
+	files="$$($(PY) scripts/keep.py $(if $(filter 1,$(UNFINISHED)),--training-state) $(RUNS))" && $(FEWLABELS) oracle export --out $(LEDGER) \
 		&& git add -f $(LEDGER) $$files && echo "staged $(LEDGER) and $$(echo "$$files" | wc -l) files"
 
 # PostgreSQL's server binaries (initdb, pg_ctl): the label-database tests start a throwaway cluster.

@@ -10,10 +10,16 @@ another machine (checkpoints/ is ignored, and a work tree laid anew loses it):
   starts from and scores the pool with, the one before it is where a run that trains only the
   last round otherwise starts (``branch_from``). Training state and the other rounds' models stay
   out: a few MB in all.
+- with ``--training-state`` (``make keep UNFINISHED=1``), also the ``last.ckpt`` and
+  ``wandb_run_id`` of a round killed mid-training (its ``selection.json`` there, no
+  ``round.json``): a fresh clone then resumes that round at the step it reached instead of
+  training it again from the last finished model. About 15 MB for the CPU preset; for a session
+  that ends in the middle of a long round.
 
 The ledger of the labels those rounds were told (``checkpoints/ledger.json``) goes with them;
 ``make setup`` imports it, and a finished round is read back only where the database holds it.
-Usage: python scripts/keep.py FOLDER [FOLDER ...]   (prints the paths to add, one a line)
+Usage: python scripts/keep.py [--training-state] FOLDER [FOLDER ...]
+(prints the paths to add, one a line)
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from fewlabels.models.checkpoint import (
     BACKBONE_FILE,
     CLASSIFIER_FILE,
     CONFIG_FILE,
+    LAST_FILE,
     PROVENANCE_FILE,
+    WANDB_ID_FILE,
 )
 
 
-def files_to_keep(folder: Path) -> list[Path]:
-    """The files of ``folder`` that carry it to another machine; ValueError for any other
-    folder."""
+def files_to_keep(folder: Path, training_state: bool = False) -> list[Path]:
+    """The files of ``folder`` that carry it to another machine; with ``training_state``, also
+    what resumes its unfinished round at its step. ValueError for any other folder."""
     if (folder / BACKBONE_FILE).is_file():
         return [folder / name for name in (BACKBONE_FILE, CONFIG_FILE, PROVENANCE_FILE)
                 if (folder / name).is_file()]
@@ -48,6 +56,11 @@ def files_to_keep(folder: Path) -> list[Path]:
     for r in rounds:
         kept += [r / name for name in (SELECTION_FILE, ROUND_FILE) if (r / name).is_file()]
     kept += [r / CLASSIFIER_FILE for r in finished[-2:] if (r / CLASSIFIER_FILE).is_file()]
+    if training_state:
+        unfinished = [r for r in rounds if (r / SELECTION_FILE).is_file()
+                      and not (r / ROUND_FILE).is_file() and (r / LAST_FILE).is_file()]
+        kept += [r / name for r in unfinished for name in (LAST_FILE, WANDB_ID_FILE)
+                 if (r / name).is_file()]
     return kept
 
 
@@ -55,9 +68,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--training-state", action="store_true",
+                        help="also keep the last.ckpt of a round killed mid-training")
     args = parser.parse_args()
     try:
-        paths = [p for folder in args.folders for p in files_to_keep(folder)]
+        paths = [p for folder in args.folders
+                 for p in files_to_keep(folder, args.training_state)]
     except ValueError as err:
         print(f"keep: {err}", file=sys.stderr)
         return 2

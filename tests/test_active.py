@@ -40,6 +40,33 @@ def purposes(tmp: Path) -> dict[int, str]:
         return dict(conn.execute("SELECT image_id, purpose FROM queries").fetchall())
 
 
+def keep_script():
+    """scripts/keep.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
+    keep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keep)
+    return keep
+
+
+def copy_to_clone(kept: list[Path], backbone_files: list[Path], tmp: Path, clone: Path) -> Path:
+    """Copy what ``make keep`` names into ``clone`` as a fresh clone would hold it; the
+    backbone folder's path there."""
+    import shutil
+
+    for path in kept:
+        target = clone / "ckpt" / path.relative_to(tmp / "ckpt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    backbone = clone / "backbones" / backbone_files[0].parent.name
+    backbone.mkdir(parents=True)
+    for path in backbone_files:
+        shutil.copyfile(path, backbone / path.name)
+    return backbone
+
+
 def test_margin_and_entropy_pick_the_least_sure_unlabeled_images():
     probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5], [0.7, 0.3], [0.51, 0.49]])
     feats = np.zeros((5, 3))
@@ -132,17 +159,10 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
     with a new label database, as a fresh clone on another machine would have them: the finished
     rounds are refused until the ledger is imported, then read back, and the round the kill
     interrupted trains from the kept model without buying anything new."""
-    import importlib.util
-    import shutil
-
     from fewlabels.oracle import LabelDatabaseError
     from fewlabels.oracle.database import export_ledger, import_ledger
 
-    spec = importlib.util.spec_from_file_location(
-        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
-    keep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(keep)
-
+    keep = keep_script()
     cfg = active_config(tiny_checkpoint, tmp_path)
     real_fit = active_module.fit
 
@@ -166,14 +186,7 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
                                                 "provenance.json"}
 
     clone = tmp_path / "clone"
-    for path in kept:
-        target = clone / "ckpt" / path.relative_to(tmp_path / "ckpt")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-    backbone = clone / "backbones" / tiny_checkpoint.name
-    backbone.mkdir(parents=True)
-    for path in backbone_files:
-        shutil.copyfile(path, backbone / path.name)
+    backbone = copy_to_clone(kept, backbone_files, tmp_path, clone)
     monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{clone / 'labels.sqlite'}")
     carried = active_config(backbone, clone)
     trained = []
@@ -184,6 +197,54 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
     import_ledger(ledger)
     summary = active(carried)
     assert [t.split()[-1] for t in trained] == ["2"]
+    assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
+    assert {s.run_id: s.labels_revealed for s in stats()} == {run.oracle_run_id: 30}
+
+
+def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_its_state(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``make keep UNFINISHED=1`` adds the interrupted round's ``last.ckpt`` (and its W&B id) to
+    what a fresh clone gets: there the round resumes at the step it reached, buys nothing new,
+    and ends by its configured steps."""
+    from fewlabels.oracle.database import export_ledger, import_ledger
+
+    keep = keep_script()
+    cfg = active_config(tiny_checkpoint, tmp_path, "round_fraction=0.4",
+                        "trainer.steps_per_epoch=2")
+    real_fit = active_module.fit
+
+    def dies_halfway_in_round_2(round_cfg, learner, folder, logger, name):
+        if name.endswith("round 2"):  # the end of a session, half-way through the last round
+            half = OmegaConf.merge(round_cfg, {"trainer": {"steps": round_cfg.trainer.steps // 2}})
+            real_fit(half, learner, folder, logger, name)
+            raise KeyboardInterrupt
+        return real_fit(round_cfg, learner, folder, logger, name)
+
+    monkeypatch.setattr(active_module, "fit", dies_halfway_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        active(cfg)
+    ledger = export_ledger()
+    run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
+    plain = keep.files_to_keep(run.folder)
+    with_state = keep.files_to_keep(run.folder, training_state=True)
+    assert sorted(str(p.relative_to(run.folder)) for p in set(with_state) - set(plain)) == [
+        "round2/last.ckpt", "round2/wandb_run_id"]
+
+    clone = tmp_path / "clone"
+    backbone = copy_to_clone(with_state, keep.files_to_keep(tiny_checkpoint), tmp_path, clone)
+    monkeypatch.setenv("FEWLABELS_LABEL_DB", f"sqlite:///{clone / 'labels.sqlite'}")
+    import_ledger(ledger)
+    resumed = []
+
+    def records_the_start(round_cfg, learner, folder, logger, name):
+        fitted = real_fit(round_cfg, learner, folder, logger, name)
+        resumed.append((name.split()[-1], learner.start_step, fitted.steps))
+        return fitted
+
+    monkeypatch.setattr(active_module, "fit", records_the_start)
+    summary = active(active_config(backbone, clone, "round_fraction=0.4",
+                                   "trainer.steps_per_epoch=2"))
+    assert resumed == [("2", 2, 4)]  # round 2 only, from step 2 of its 4
     assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
     assert {s.run_id: s.labels_revealed for s in stats()} == {run.oracle_run_id: 30}
 

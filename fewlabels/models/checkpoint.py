@@ -32,6 +32,7 @@ CLASSIFIER_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
 LAST_FILE = "last.ckpt"
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 FINETUNED_DIR = "finetuned"  # under the checkpoint folder: fine-tuned classifiers live apart
 
 KIND_BACKBONE, KIND_CLASSIFIER = "backbone", "classifier"

@@ -36,6 +36,7 @@ from fewlabels.models.checkpoint import (
     FINETUNED_DIR,
     KIND_CLASSIFIER,
     LAST_FILE,
+    WANDB_ID_FILE,
     Checkpoint,
     Classifier,
     backbone_config,
@@ -211,7 +212,7 @@ def _short(value: Any, limit: int = 60) -> str:
 def wandb_logger(cfg: DictConfig, folder: Path, name: str, group: str,
                  job_type: str) -> WandbLogger:
     """The W&B logger of a run folder; the same W&B run continues when the run resumes."""
-    id_file = folder / "wandb_run_id"
+    id_file = folder / WANDB_ID_FILE
     if not id_file.is_file():
         write_text_atomic(id_file, f"{job_type}-{uuid.uuid4().hex[:12]}")
     return WandbLogger(project=cfg.logger.project, name=name, id=id_file.read_text().strip(),

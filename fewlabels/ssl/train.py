@@ -26,6 +26,7 @@ from fewlabels.models.checkpoint import (
     KIND_BACKBONE,
     LAST_FILE,
     PROVENANCE_FILE,
+    WANDB_ID_FILE,
     save_weights,
 )
 from fewlabels.names import safe_name
@@ -142,7 +143,7 @@ def pretrain(cfg: DictConfig) -> Path:
     monitor = torch.from_numpy(images[rng.permutation(len(images))[: cfg.monitor.health_images]])
     module = method_class(cfg.method.name)(cfg, monitor)
 
-    id_file = ckpt_dir / "wandb_run_id"  # the same W&B run continues when the run resumes
+    id_file = ckpt_dir / WANDB_ID_FILE  # the same W&B run continues when the run resumes
     if not id_file.exists():
         write_text_atomic(id_file, f"{name}-{uuid.uuid4().hex[:8]}")
     logger = WandbLogger(
