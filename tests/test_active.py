@@ -67,6 +67,17 @@ def copy_to_clone(kept: list[Path], backbone_files: list[Path], tmp: Path, clone
     return backbone
 
 
+def interrupted(cfg, ckpt: Path, dying_fit, monkeypatch):
+    """Run the loop of ``cfg`` with ``dying_fit`` in place of ``fit`` until it raises
+    KeyboardInterrupt (a session's end); the label database's ledger then, and seed 0's run."""
+    from fewlabels.oracle.database import export_ledger
+
+    monkeypatch.setattr(active_module, "fit", dying_fit)
+    with pytest.raises(KeyboardInterrupt):
+        active(cfg)
+    return export_ledger(), active_run(cfg, open_checkpoint(ckpt), 0)
+
+
 def test_margin_and_entropy_pick_the_least_sure_unlabeled_images():
     probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5], [0.7, 0.3], [0.51, 0.49]])
     feats = np.zeros((5, 3))
@@ -160,7 +171,7 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
     rounds are refused until the ledger is imported, then read back, and the round the kill
     interrupted trains from the kept model without buying anything new."""
     from fewlabels.oracle import LabelDatabaseError
-    from fewlabels.oracle.database import export_ledger, import_ledger
+    from fewlabels.oracle.database import import_ledger
 
     keep = keep_script()
     cfg = active_config(tiny_checkpoint, tmp_path)
@@ -171,11 +182,7 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
             raise KeyboardInterrupt  # the end of a session, after round 2's ids were bought
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(active_module, "fit", dies_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        active(cfg)
-    ledger = export_ledger()
-    run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
+    ledger, run = interrupted(cfg, tiny_checkpoint, dies_in_round_2, monkeypatch)
     kept = keep.files_to_keep(run.folder)
     assert sorted(str(p.relative_to(run.folder)) for p in kept) == [
         "config.yaml", "round0/model.safetensors", "round0/round.json", "round0/selection.json",
@@ -206,7 +213,7 @@ def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_i
     """``make keep UNFINISHED=1`` adds the interrupted round's ``last.ckpt`` (and its W&B id) to
     what a fresh clone gets: there the round resumes at the step it reached, buys nothing new,
     and ends by its configured steps."""
-    from fewlabels.oracle.database import export_ledger, import_ledger
+    from fewlabels.oracle.database import import_ledger
 
     keep = keep_script()
     cfg = active_config(tiny_checkpoint, tmp_path, "round_fraction=0.4",
@@ -220,11 +227,7 @@ def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_i
             raise KeyboardInterrupt
         return real_fit(round_cfg, learner, folder, logger, name)
 
-    monkeypatch.setattr(active_module, "fit", dies_halfway_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        active(cfg)
-    ledger = export_ledger()
-    run = active_run(cfg, open_checkpoint(tiny_checkpoint), 0)
+    ledger, run = interrupted(cfg, tiny_checkpoint, dies_halfway_in_round_2, monkeypatch)
     plain = keep.files_to_keep(run.folder)
     with_state = keep.files_to_keep(run.folder, training_state=True)
     assert sorted(str(p.relative_to(run.folder)) for p in set(with_state) - set(plain)) == [
