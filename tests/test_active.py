@@ -216,8 +216,8 @@ def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_i
     from fewlabels.oracle.database import import_ledger
 
     keep = keep_script()
-    cfg = active_config(tiny_checkpoint, tmp_path, "round_fraction=0.4",
-                        "trainer.steps_per_epoch=2")
+    four_steps = ("round_fraction=0.4", "trainer.steps_per_epoch=2")  # last.ckpt every 2 steps
+    cfg = active_config(tiny_checkpoint, tmp_path, *four_steps)
     real_fit = active_module.fit
 
     def dies_halfway_in_round_2(round_cfg, learner, folder, logger, name):
@@ -245,8 +245,7 @@ def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_i
         return fitted
 
     monkeypatch.setattr(active_module, "fit", records_the_start)
-    summary = active(active_config(backbone, clone, "round_fraction=0.4",
-                                   "trainer.steps_per_epoch=2"))
+    summary = active(active_config(backbone, clone, *four_steps))
     assert resumed == [("2", 2, 4)]  # round 2 only, from step 2 of its 4
     assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
     assert {s.run_id: s.labels_revealed for s in stats()} == {run.oracle_run_id: 30}
