@@ -49,12 +49,17 @@ data: $(VENV)/.installed
 	@if [ -f $(LEDGER) ]; then $(FEWLABELS) oracle import $(LEDGER); fi
 
 # Carry runs to a fresh clone on another machine, in git (README, "Carrying runs to another
-# machine"): stages the files scripts/keep.py names and the ledger, which `make setup` imports.
+# machine"): stages the files scripts/keep.py names and the ledger, which `make setup` imports,
+# and untracks the files kept before that it names no longer (`git rm --cached`).
+KEEP_STATE = $(if $(filter 1,$(UNFINISHED)),--training-state)
 keep: $(VENV)/.installed
 	@test -n "$(RUNS)" || { echo 'keep: give RUNS="checkpoints/<run> checkpoints/finetuned/active-<run>-seed<S> ..."'; exit 2; }
 	@case "$(UNFINISHED)" in ""|0|1) ;; *) echo 'keep: UNFINISHED=$(UNFINISHED): give UNFINISHED=1 (also keep the training state of a round killed mid-training) or leave it out'; exit 2;; esac
-	files="$$($(PY) scripts/keep.py $(if $(filter 1,$(UNFINISHED)),--training-state) $(RUNS))" && $(FEWLABELS) oracle export --out $(LEDGER) \
-		&& git add -f $(LEDGER) $$files && echo "staged $(LEDGER) and $$(echo "$$files" | wc -l) files"
+	files="$$($(PY) scripts/keep.py $(KEEP_STATE) $(RUNS))" \
+		&& stale="$$($(PY) scripts/keep.py --stale $(KEEP_STATE) $(RUNS))" \
+		&& $(FEWLABELS) oracle export --out $(LEDGER) && git add -f $(LEDGER) $$files \
+		&& { [ -z "$$stale" ] || git rm -q --cached $$stale; } \
+		&& echo "staged $(LEDGER) and $$(echo "$$files" | wc -l) files; untracked $$(echo "$$stale" | grep -c .) no longer kept"
 
 # PostgreSQL's server binaries (initdb, pg_ctl): the label-database tests start a throwaway cluster.
 postgres:

@@ -18,13 +18,19 @@ another machine (checkpoints/ is ignored, and a work tree laid anew loses it):
 
 The ledger of the labels those rounds were told (``checkpoints/ledger.json``) goes with them;
 ``make setup`` imports it, and a finished round is read back only where the database holds it.
-Usage: python scripts/keep.py [--training-state] FOLDER [FOLDER ...]
-(prints the paths to add, one a line)
+
+Kept again later, a folder's tracked files become what it names then: ``--stale`` prints the
+files git tracks there that it no longer names (a ``last.ckpt`` carried while its round was
+unfinished, once that round has ended; the model of a round that is no longer among the last
+two), for ``make keep`` to untrack (``git rm --cached``: the work tree keeps them).
+Usage: python scripts/keep.py [--training-state] [--stale] FOLDER [FOLDER ...]
+(prints the paths to add, or with ``--stale`` to untrack, one a line)
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,16 +70,32 @@ def files_to_keep(folder: Path, training_state: bool = False) -> list[Path]:
     return kept
 
 
+def stale_files(folder: Path, training_state: bool = False) -> list[Path]:
+    """The files git tracks in ``folder`` (committed or staged, present in the work tree or not)
+    that ``files_to_keep`` no longer names. ValueError where ``folder`` is not in a git work
+    tree."""
+    kept = {p.resolve() for p in files_to_keep(folder, training_state)}
+    listing = subprocess.run(["git", "-C", str(folder), "ls-files", "-z"],
+                             capture_output=True, text=True)
+    if listing.returncode != 0:
+        raise ValueError(f"{folder} is not in a git work tree ({listing.stderr.strip()}): "
+                         "make keep stages files in the clone that holds them")
+    tracked = [folder / name for name in listing.stdout.split("\0") if name]
+    return [p for p in tracked if p.resolve() not in kept]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--training-state", action="store_true",
                         help="also keep the last.ckpt of a round killed mid-training")
+    parser.add_argument("--stale", action="store_true",
+                        help="print the tracked files the folders no longer keep instead")
     args = parser.parse_args()
+    listed = stale_files if args.stale else files_to_keep
     try:
-        paths = [p for folder in args.folders
-                 for p in files_to_keep(folder, args.training_state)]
+        paths = [p for folder in args.folders for p in listed(folder, args.training_state)]
     except ValueError as err:
         print(f"keep: {err}", file=sys.stderr)
         return 2

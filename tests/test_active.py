@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,7 @@ def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_i
         tiny_checkpoint, tmp_path, monkeypatch):
     """``make keep UNFINISHED=1`` adds the interrupted round's ``last.ckpt`` (and its W&B id) to
     what a fresh clone gets: there the round resumes at the step it reached, buys nothing new,
-    and ends by its configured steps."""
+    and ends by its configured steps; kept again afterwards, that state is untracked."""
     from fewlabels.oracle.database import import_ledger
 
     keep = keep_script()
@@ -245,10 +246,19 @@ def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_i
         return fitted
 
     monkeypatch.setattr(active_module, "fit", records_the_start)
+    carried = clone / "ckpt" / run.folder.relative_to(tmp_path / "ckpt")
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run(["git", "-C", str(carried), "add", "-f", "."], check=True)  # as committed
     summary = active(active_config(backbone, clone, *four_steps))
     assert resumed == [("2", 2, 4)]  # round 2 only, from step 2 of its 4
     assert [r["queries_per_seed"] for r in summary["rows"]] == [10, 20, 30]
     assert {s.run_id: s.labels_revealed for s in stats()} == {run.oracle_run_id: 30}
+    # Kept again now that round 2 has ended: its training state and round 0's model (no longer
+    # among the last two finished) are what make keep untracks.
+    for training_state in (False, True):
+        stale = keep.stale_files(carried, training_state)
+        assert sorted(str(p.relative_to(carried)) for p in stale) == [
+            "round0/model.safetensors", "round2/last.ckpt", "round2/wandb_run_id"]
 
 
 def test_a_killed_loop_resumes_in_its_round_and_adds_no_queries(tiny_checkpoint, tmp_path,
@@ -438,12 +448,7 @@ def test_a_branch_from_a_carried_run_copies_records_and_continues_from_its_last_
     round). With round 1's model gone too, only round
     0 could be continued: the branch copies it and trains rounds 1 and 2; with no model at all the
     branch is refused before anything is bought."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
-    keep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(keep)
+    keep = keep_script()
     starts = []
     ckpt, source = finished_source_then_watch_fit(
         tiny_checkpoint, tmp_path, monkeypatch,
