@@ -74,14 +74,14 @@ def stale_files(folder: Path, training_state: bool = False) -> list[Path]:
     """The files git tracks in ``folder`` (committed or staged, present in the work tree or not)
     that ``files_to_keep`` no longer names. ValueError where ``folder`` is not in a git work
     tree."""
-    kept = {p.resolve() for p in files_to_keep(folder, training_state)}
+    kept = set(files_to_keep(folder, training_state))
     listing = subprocess.run(["git", "-C", str(folder), "ls-files", "-z"],
                              capture_output=True, text=True)
     if listing.returncode != 0:
         raise ValueError(f"{folder} is not in a git work tree ({listing.stderr.strip()}): "
                          "make keep stages files in the clone that holds them")
     tracked = [folder / name for name in listing.stdout.split("\0") if name]
-    return [p for p in tracked if p.resolve() not in kept]
+    return [p for p in tracked if p not in kept]
 
 
 def main() -> int:
