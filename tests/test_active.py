@@ -440,6 +440,29 @@ def test_a_branch_copies_the_rounds_trained_alike_requeries_them_and_trains_the_
     assert len(stats()) == 2
 
 
+def test_a_branch_with_another_acquisition_copies_round_0_only(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+    """Round 0 picks with the cold start, so a branch that buys its later rounds with BADGE
+    instead of margin copies the source's round 0 (bought again under its own oracle run) and
+    trains every later round from there, buying BADGE's picks."""
+    trained = []
+    ckpt, source = finished_source_then_watch_fit(
+        tiny_checkpoint, tmp_path, monkeypatch,
+        lambda round_cfg, learner: trained.append(int(round_cfg.trainer.steps)))
+    cfg = active_config(tiny_checkpoint, tmp_path, "select=badge", f"branch_from={source.name}")
+    active(cfg)
+    branch = active_run(cfg, ckpt, 0)
+    assert "typiclust-badge" in branch.name and trained == [2, 2]
+    assert {s.run_id: s.labels_revealed for s in stats()} == {source.oracle_run_id: 30,
+                                                              branch.oracle_run_id: 30}
+    was, now = ([json.loads((run.folder / f"round{k}" / "round.json").read_text())
+                 for k in range(3)] for run in (source, branch))
+    assert now[0]["copied_from"] == str(source.folder / "round0")
+    assert now[0]["ids"] == was[0]["ids"]
+    assert [r["how"] for r in now] == ["typiclust", "badge", "badge"]
+    assert all("copied_from" not in r for r in now[1:])
+
+
 def test_a_branch_from_a_carried_run_copies_records_and_continues_from_its_last_kept_model(
         tiny_checkpoint, tmp_path, monkeypatch):
     """A source as ``make keep`` carries it (every round's records, the models of its last two

@@ -15,7 +15,8 @@ resumes in the round it was in; a finished one is read back. ``last_round_fracti
 last round longer (the run is then named ``…-b<budgets>-last<steps>``), and ``branch_from=<run>``
 copies the leading rounds of another run that this one would train alike (same checkpoint,
 settings, budgets so far and steps): their ids are queried again under this run's id, so the
-database counts them here too, and their models and test predictions are copied, not retrained.
+database counts them here too, and their models and test predictions are copied, not retrained;
+from a run that differs only in ``select`` just round 0 (the cold start) is copied.
 ``last_round_unlabeled_ratio=<mu>`` draws mu unlabeled images per labeled one in the last round
 (``batch.unlabeled_ratio`` in the others; the run is named ``…-mu<mu>``).
 ``last_round_stream=<i>`` trains the last round from another random stream (the batches and
@@ -284,11 +285,14 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source / CONFIG_FILE} cannot be "
                          f"read ({err}); {hint}") from err
-    if differ:
+    # Round 0 picks with the cold start, not with `select`: a source that differs only there
+    # shares its round 0 with this run, and no later round.
+    cold_start_only = differ == ["select"]
+    if differ and not cold_start_only:
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source} was trained otherwise "
                          f"(differs in {', '.join(differ)}), so none of its rounds is this run's")
     rounds = []
-    for k in range(len(cfg.budgets)):
+    for k in range(1 if cold_start_only else len(cfg.budgets)):
         folder = source / f"round{k}"
         if (saved_budgets[:k + 1] != list(cfg.budgets[:k + 1])
                 or not (folder / ROUND_FILE).is_file()):
