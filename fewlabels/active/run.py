@@ -95,9 +95,12 @@ ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
 # Seeds are seed * 1000 + round; each other stream adds this span, so that no two meet while
 # seeds stay below 1,000 and streams at most MAX_STREAM (under seed_everything's 2**32).
 MAX_STREAM_SEED_SPAN, MAX_STREAM = 1_000_000, 1000
-ROUND_KEYS = (*TRAINING_KEYS, "select", "warm_start", "round_fraction")
-ACTIVE_KEYS = (*ROUND_KEYS, "budgets", "last_round_fraction", "last_round_unlabeled_ratio",
-               "last_round_stream", "last_round_algorithm", "distill_fraction", "distill_algorithm")
+# Settings every round of a branch's source must share; `select` is compared round by round
+# (round.json's "how"), since round 0 picks with the cold start.
+ROUND_KEYS = (*TRAINING_KEYS, "warm_start", "round_fraction")
+ACTIVE_KEYS = (*ROUND_KEYS, "select", "budgets", "last_round_fraction",
+               "last_round_unlabeled_ratio", "last_round_stream", "last_round_algorithm",
+               "distill_fraction", "distill_algorithm")
 
 
 @dataclass(frozen=True)
@@ -285,20 +288,18 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
     except Exception as err:  # noqa: BLE001 — any unreadable config is the same user problem
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source / CONFIG_FILE} cannot be "
                          f"read ({err}); {hint}") from err
-    # Round 0 picks with the cold start, not with `select`: a source that differs only there
-    # shares its round 0 with this run, and no later round.
-    cold_start_only = differ == ["select"]
-    if differ and not cold_start_only:
+    if differ:
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source} was trained otherwise "
                          f"(differs in {', '.join(differ)}), so none of its rounds is this run's")
     rounds = []
-    for k in range(1 if cold_start_only else len(cfg.budgets)):
+    for k in range(len(cfg.budgets)):
         folder = source / f"round{k}"
         if (saved_budgets[:k + 1] != list(cfg.budgets[:k + 1])
                 or not (folder / ROUND_FILE).is_file()):
             break
         done = json.loads((folder / ROUND_FILE).read_text())
         if (done["steps_configured"] != round_steps(cfg, k)
+                or done["how"] != round_how(cfg, k)
                 or done.get("algorithm", cfg.algorithm.name) != round_algorithm(cfg, k).name
                 or done.get("unlabeled_ratio", saved.batch.unlabeled_ratio)
                 != round_unlabeled_ratio(cfg, k)
