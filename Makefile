@@ -54,7 +54,7 @@ data: $(VENV)/.installed
 KEEP_STATE = $(if $(filter 1,$(UNFINISHED)),--training-state)
 keep: $(VENV)/.installed
 	@test -n "$(RUNS)" || { echo 'keep: give RUNS="checkpoints/<run> checkpoints/finetuned/active-<run>-seed<S> ..."'; exit 2; }
-	@case "$(UNFINISHED)" in ""|0|1) ;; *) echo 'keep: UNFINISHED=$(UNFINISHED): give UNFINISHED=1 (also keep the training state of a round killed mid-training) or leave it out'; exit 2;; esac
+	@case "$(UNFINISHED)" in ""|0|1) ;; *) echo 'keep: UNFINISHED=$(UNFINISHED): give UNFINISHED=1 (also keep the training state of a round killed mid-training, or of a pretraining run with steps left) or leave it out'; exit 2;; esac
 	files="$$($(PY) scripts/keep.py $(KEEP_STATE) $(RUNS))" \
 		&& stale="$$($(PY) scripts/keep.py --stale $(KEEP_STATE) $(RUNS))" \
 		&& $(FEWLABELS) oracle export --out $(LEDGER) && git add -f $(LEDGER) $$files \

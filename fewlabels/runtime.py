@@ -156,12 +156,16 @@ class BudgetTimer(Timer):
     unknown speed (a lent GPU) still ends annealed. Such a run ends by design, not by accident."""
 
 
-def time_limits(max_time: str | None, time_budget: str | None = None) -> list[Timer]:
+def time_limits(max_time: str | None, time_budget: str | None = None,
+                cap_interval: str = "step") -> list[Timer]:
     """The timer callbacks for ``trainer.max_time`` and ``trainer.time_budget`` ("DD:HH:MM:SS";
-    None or empty: no limit). Pass them as callbacks, never as ``Trainer(max_time=...)``."""
+    None or empty: no limit). Pass them as callbacks, never as ``Trainer(max_time=...)``.
+    ``cap_interval="epoch"``: ``max_time`` stops the run only at an epoch's end, for a run that
+    ends by ``max_epochs``: Lightning counts an epoch a timer cut short as done, so resuming from
+    a checkpoint saved inside it would skip that epoch's remaining steps."""
     timers: list[Timer] = []
     if max_time:
-        timers.append(InvocationTimer(duration=str(max_time), interval="step"))
+        timers.append(InvocationTimer(duration=str(max_time), interval=cap_interval))
     if time_budget:
         timers.append(BudgetTimer(duration=str(time_budget), interval="step"))
     return timers

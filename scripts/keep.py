@@ -3,7 +3,10 @@ another machine (checkpoints/ is ignored, and a work tree laid anew loses it):
 
 - a pretrained backbone folder: ``backbone.safetensors``, ``config.yaml``, ``provenance.json``
   (what probes, fine-tuning and active rounds read; not ``last.ckpt``, so it is never trained
-  further: ``make pretrain`` refuses to train over it);
+  further: ``make pretrain`` refuses to train over it). A pretraining run with steps left (killed
+  before it exported, or stopped by ``trainer.max_time``) is kept only with ``--training-state``:
+  then its ``last.ckpt`` and ``wandb_run_id`` too, and the same ``make pretrain`` command
+  continues it in a fresh clone (a run longer than one session);
 - an active seed folder (``checkpoints/finetuned/active-…-seed<S>``): its ``config.yaml``, every
   round's ``selection.json`` and ``round.json`` (a round with it is read back, not trained), and
   the ``model.safetensors`` of its last two finished rounds: the last is what the next round
@@ -42,16 +45,25 @@ from fewlabels.models.checkpoint import (
     LAST_FILE,
     PROVENANCE_FILE,
     WANDB_ID_FILE,
+    pretraining_unfinished,
 )
 
 
 def files_to_keep(folder: Path, training_state: bool = False) -> list[Path]:
     """The files of ``folder`` that carry it to another machine; with ``training_state``, also
     what resumes its unfinished round at its step. ValueError for any other folder."""
+    rounds = round_folders(folder)
+    if not rounds and pretraining_unfinished(folder):
+        if not training_state:
+            raise ValueError(f"{folder} is a pretraining run with steps left (its {LAST_FILE} "
+                             "resumes it; the backbone is not the one its command describes): "
+                             "give UNFINISHED=1 to carry its training state, then run the same "
+                             "make pretrain command again to finish it")
+        return [folder / name for name in (BACKBONE_FILE, CONFIG_FILE, PROVENANCE_FILE,
+                                           LAST_FILE, WANDB_ID_FILE) if (folder / name).is_file()]
     if (folder / BACKBONE_FILE).is_file():
         return [folder / name for name in (BACKBONE_FILE, CONFIG_FILE, PROVENANCE_FILE)
                 if (folder / name).is_file()]
-    rounds = round_folders(folder)
     if not (folder / CONFIG_FILE).is_file() or not rounds:
         raise ValueError(f"{folder} is neither a pretrained backbone folder (with "
                          f"{BACKBONE_FILE}) nor an active seed folder (with {CONFIG_FILE} and "
@@ -89,7 +101,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--training-state", action="store_true",
-                        help="also keep the last.ckpt of a round killed mid-training")
+                        help="also keep the last.ckpt of a round killed mid-training, or of "
+                             "a pretraining run with steps left")
     parser.add_argument("--stale", action="store_true",
                         help="print the tracked files the folders no longer keep instead")
     args = parser.parse_args()

@@ -3,11 +3,13 @@ label database per test in a temporary folder."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from omegaconf import DictConfig
@@ -31,6 +33,17 @@ def tiny_pretrain_config(tmp: Path, *overrides: str) -> DictConfig:
 def _tiny_config() -> Callable[..., DictConfig]:
     """``tiny_config(tmp, *overrides)``: the tiny preset writing under ``tmp``."""
     return tiny_pretrain_config
+
+
+@pytest.fixture(name="keep", scope="session")
+def _keep() -> ModuleType:
+    """scripts/keep.py (what ``make keep`` stages) as a module: it is a script, not part of the
+    package."""
+    spec = importlib.util.spec_from_file_location(
+        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
+    keep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(keep)
+    return keep
 
 
 @pytest.fixture(name="subprocess_env")

@@ -41,17 +41,6 @@ def purposes(tmp: Path) -> dict[int, str]:
         return dict(conn.execute("SELECT image_id, purpose FROM queries").fetchall())
 
 
-def keep_script():
-    """scripts/keep.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "keep", Path(__file__).resolve().parent.parent / "scripts" / "keep.py")
-    keep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(keep)
-    return keep
-
-
 def copy_to_clone(kept: list[Path], backbone_files: list[Path], tmp: Path, clone: Path) -> Path:
     """Copy what ``make keep`` names into ``clone`` as a fresh clone would hold it; the
     backbone folder's path there."""
@@ -166,7 +155,7 @@ def test_active_rounds_stay_in_budget_record_rounds_and_write_the_curve(tiny_che
 
 
 def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds(
-        tiny_checkpoint, tmp_path, monkeypatch):
+        tiny_checkpoint, tmp_path, monkeypatch, keep):
     """What ``make keep`` puts in git (scripts/keep.py), copied into an empty checkpoint folder
     with a new label database, as a fresh clone on another machine would have them: the finished
     rounds are refused until the ledger is imported, then read back, and the round the kill
@@ -174,7 +163,6 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
     from fewlabels.oracle import LabelDatabaseError
     from fewlabels.oracle.database import import_ledger
 
-    keep = keep_script()
     cfg = active_config(tiny_checkpoint, tmp_path)
     real_fit = active_module.fit
 
@@ -210,13 +198,12 @@ def test_a_loop_carried_to_a_fresh_clone_continues_from_the_files_make_keep_adds
 
 
 def test_a_round_killed_mid_training_resumes_at_its_step_in_a_fresh_clone_with_its_state(
-        tiny_checkpoint, tmp_path, monkeypatch):
+        tiny_checkpoint, tmp_path, monkeypatch, keep):
     """``make keep UNFINISHED=1`` adds the interrupted round's ``last.ckpt`` (and its W&B id) to
     what a fresh clone gets: there the round resumes at the step it reached, buys nothing new,
     and ends by its configured steps; kept again afterwards, that state is untracked."""
     from fewlabels.oracle.database import import_ledger
 
-    keep = keep_script()
     four_steps = ("round_fraction=0.4", "trainer.steps_per_epoch=2")  # last.ckpt every 2 steps
     cfg = active_config(tiny_checkpoint, tmp_path, *four_steps)
     real_fit = active_module.fit
@@ -464,14 +451,13 @@ def test_a_branch_with_another_acquisition_copies_round_0_only(tiny_checkpoint, 
 
 
 def test_a_branch_from_a_carried_run_copies_records_and_continues_from_its_last_kept_model(
-        tiny_checkpoint, tmp_path, monkeypatch):
+        tiny_checkpoint, tmp_path, monkeypatch, keep):
     """A source as ``make keep`` carries it (every round's records, the models of its last two
     finished rounds, no test predictions): a longer last round branches from it, copies rounds 0
     and 1 and starts round 2 from round 1's kept model (a seed the source did not run trains every
     round). With round 1's model gone too, only round
     0 could be continued: the branch copies it and trains rounds 1 and 2; with no model at all the
     branch is refused before anything is bought."""
-    keep = keep_script()
     starts = []
     ckpt, source = finished_source_then_watch_fit(
         tiny_checkpoint, tmp_path, monkeypatch,

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -8,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fewlabels.runtime as runtime
 from fewlabels.config import ConfigError, compose
 from fewlabels.data.fashion_mnist import FILES, locate
 from fewlabels.models.backbones import build_backbone
-from fewlabels.runtime import cpu_has_native_bf16, resolve_precision
+from fewlabels.models.checkpoint import CheckpointError, open_checkpoint, pretraining_unfinished
+from fewlabels.runtime import InvocationTimer, cpu_has_native_bf16, resolve_precision
 from fewlabels.ssl.base import cosine, seconds
 from fewlabels.ssl.train import pretrain
 from fewlabels.tracking import offline_run_file, read_offline_run
@@ -215,29 +218,67 @@ def test_the_time_cap_stops_one_invocation_and_the_same_command_continues(tmp_pa
     assert min(lrs) >= cosine(second["global_step"] / total_steps, base_lr, 0.0) * 0.999
 
 
-def test_a_cap_inside_the_last_epoch_is_reported_as_a_cap(tmp_path, monkeypatch, tiny_config):
-    """Lightning advances ``current_epoch`` past an epoch a timer stopped part-way, so a run the
-    cap stopped inside its last epoch once said "ended_by": "epochs" (the 55-epoch backbone,
-    docs/results.md). The cap here fires at a chosen step, through the real timer path."""
-    import fewlabels.ssl.train as train
-    from fewlabels.runtime import InvocationTimer
+def test_a_run_longer_than_a_session_is_carried_with_its_state_and_finished_in_a_fresh_clone(
+        tmp_path, monkeypatch, tiny_config, keep):
+    """A pretraining run with steps left: ``trainer.max_time`` runs out at step 3 of 12 (a fake
+    clock in the real timer path) and stops it at the end of that epoch, step 6 (inside an epoch,
+    Lightning would count the epoch as done and a resume would skip its rest). ``make keep``
+    refuses the run without ``UNFINISHED=1`` (its backbone is not the one its command describes)
+    and with it adds ``last.ckpt`` and the W&B id; in a fresh clone the same command trains the
+    6 steps left on the same run and ends by its epochs; kept again, that state is untracked."""
 
-    class CapAtStep(InvocationTimer):  # out of time from step 9 on: 6 steps an epoch, 12 in all
-        elapsed = 0.0
+    class OutOfTimeFromStep3(InvocationTimer):
+        step = 0
 
         def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-            self.elapsed = 1e9 if trainer.global_step >= 9 else 0.0
+            self.step = trainer.global_step
             super().on_train_batch_end(trainer, *args, **kwargs)
 
         def time_elapsed(self, stage: str = "train") -> float:
-            return self.elapsed
+            return 1e9 if self.step >= 3 else 0.0
 
-    monkeypatch.setattr(train, "time_limits", lambda *_: [CapAtStep(duration="00:00:01:00")])
     monkeypatch.setenv("WANDB_MODE", "offline")
-    ckpt = pretrain(tiny_config(tmp_path, "trainer.max_epochs=2"))
-    provenance = json.loads((ckpt / "provenance.json").read_text())
-    assert provenance["ended_by"] == "time cap" and provenance["epochs_completed"] == 1
-    assert provenance["steps_configured"] == 12 and provenance["global_step"] == 9
+    monkeypatch.setattr(runtime, "InvocationTimer", OutOfTimeFromStep3)
+    folder = pretrain(tiny_config(tmp_path, "trainer.max_epochs=2", "trainer.max_time=00:01:00:00"))
+    first = json.loads((folder / "provenance.json").read_text())
+    assert first["ended_by"] == "time cap" and first["global_step"] == 6  # not "epochs"
+    assert first["epochs_completed"] == 1 and first["steps_configured"] == 12
+    assert pretraining_unfinished(folder)
+    with pytest.raises(CheckpointError, match="stopped short.*run the same 'make pretrain'"):
+        open_checkpoint(folder)  # probes, fine-tuning and active rounds never use it as it is
+    with pytest.raises(ValueError, match="steps left.*UNFINISHED=1"):
+        keep.files_to_keep(folder)
+    kept = keep.files_to_keep(folder, training_state=True)
+    assert sorted(p.name for p in kept) == ["backbone.safetensors", "config.yaml", "last.ckpt",
+                                            "provenance.json", "wandb_run_id"]
+
+    clone = tmp_path / "clone"
+    carried = clone / "ckpt" / folder.name
+    carried.mkdir(parents=True)
+    for path in kept:
+        shutil.copyfile(path, carried / path.name)
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run(["git", "-C", str(carried), "add", "-f", "."], check=True)  # as committed
+    time.sleep(1.1)  # W&B names offline folders by the second
+    assert pretrain(tiny_config(clone, "trainer.max_epochs=2")) == carried
+    finished = json.loads((carried / "provenance.json").read_text())
+    assert finished["resumed_from"] == str(carried / "last.ckpt")
+    assert finished["ended_by"] == "epochs" and finished["global_step"] == 12
+    assert finished["wandb_run_id"] == first["wandb_run_id"]
+    assert not pretraining_unfinished(carried)
+    assert open_checkpoint(carried).folder == carried.resolve()
+    assert sorted(p.name for p in keep.files_to_keep(carried, training_state=True)) == [
+        "backbone.safetensors", "config.yaml", "provenance.json"]
+    assert sorted(p.name for p in keep.stale_files(carried)) == ["last.ckpt", "wandb_run_id"]
+
+    # What a kill before the export leaves (config.yaml and an epoch's last.ckpt) is carried too.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("config.yaml", "last.ckpt"):
+        shutil.copyfile(folder / name, killed / name)
+    assert pretraining_unfinished(killed)
+    assert sorted(p.name for p in keep.files_to_keep(killed, training_state=True)) == [
+        "config.yaml", "last.ckpt"]
 
 
 def test_bad_config_keys_say_what_is_wrong():

@@ -36,6 +36,8 @@ WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 FINETUNED_DIR = "finetuned"  # under the checkpoint folder: fine-tuned classifiers live apart
 
 KIND_BACKBONE, KIND_CLASSIFIER = "backbone", "classifier"
+# provenance.json's "ended_by" where trainer.max_time stopped a pretraining run short of its steps
+ENDED_BY_TIME_CAP = "time cap"
 
 
 class CheckpointError(ValueError):
@@ -100,6 +102,18 @@ def newest_checkpoint(checkpoint_dir: str | Path) -> Path:
     return found[-1].parent
 
 
+def pretraining_unfinished(folder: str | Path) -> bool:
+    """Whether the pretraining run in ``folder`` has steps left that its ``last.ckpt`` resumes:
+    killed before it exported (no ``provenance.json``) or stopped by ``trainer.max_time``
+    (``"ended_by": "time cap"``). False without ``last.ckpt``: nothing there can resume."""
+    folder = Path(folder)
+    if not (folder / LAST_FILE).is_file():
+        return False
+    if not (folder / PROVENANCE_FILE).is_file():
+        return True
+    return json.loads((folder / PROVENANCE_FILE).read_text()).get("ended_by") == ENDED_BY_TIME_CAP
+
+
 def open_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     for name in (BACKBONE_FILE, CONFIG_FILE):
@@ -109,6 +123,14 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if kind_of(folder / BACKBONE_FILE) != KIND_BACKBONE:
         raise CheckpointError(f"{folder / BACKBONE_FILE} is not a pretrained backbone; pass a "
                               "folder written by 'make pretrain'")
+    provenance = folder / PROVENANCE_FILE
+    if (provenance.is_file()
+            and json.loads(provenance.read_text()).get("ended_by") == ENDED_BY_TIME_CAP):
+        raise CheckpointError(f"{folder} is a pretraining run that trainer.max_time stopped short "
+                              f"of its steps ({PROVENANCE_FILE}: ended_by {ENDED_BY_TIME_CAP!r}), "
+                              "not yet the backbone its command describes: run the same 'make "
+                              f"pretrain' command again to finish it (it resumes from {LAST_FILE})"
+                              ", or pass CKPT=<a finished backbone folder>")
     return Checkpoint(folder.resolve(), folder.resolve().name,
                       sha256_file(folder / BACKBONE_FILE))
 

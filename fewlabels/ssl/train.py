@@ -23,6 +23,7 @@ from fewlabels.files import write_json_atomic, write_text_atomic
 from fewlabels.models.checkpoint import (
     BACKBONE_FILE,
     CONFIG_FILE,
+    ENDED_BY_TIME_CAP,
     KIND_BACKBONE,
     LAST_FILE,
     PROVENANCE_FILE,
@@ -162,7 +163,7 @@ def pretrain(cfg: DictConfig) -> Path:
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1,
                                    enable_version_counter=False),  # last.ckpt every epoch
                    LearningRateMonitor(logging_interval="step"), clock, StepSeeds(cfg.seed),
-                   *time_limits(tr.max_time, tr.time_budget)])
+                   *time_limits(tr.max_time, tr.time_budget, cap_interval="epoch")])
     if tr.channels_last:
         module = module.to(memory_format=torch.channels_last)
 
@@ -175,14 +176,14 @@ def pretrain(cfg: DictConfig) -> Path:
     steps_configured = int(trainer.estimated_stepping_batches)
     epochs_completed = trainer.global_step // (steps_configured // tr.max_epochs)
     ended_by = ("epochs" if trainer.global_step >= steps_configured
-                else "time budget" if budget_spent(trainer) else "time cap")
+                else "time budget" if budget_spent(trainer) else ENDED_BY_TIME_CAP)
     done = (f"{epochs_completed} of {tr.max_epochs} epochs (step {trainer.global_step} of "
             f"{steps_configured})")
     if ended_by == "time budget" and trainer.is_global_zero:
         print(f"\ntrainer.time_budget={tr.time_budget} ended {name} after {done}, its schedules "
               "annealed over that time, as configured. Running the command again trains no "
               "further.", flush=True)
-    if ended_by == "time cap" and trainer.is_global_zero:
+    if ended_by == ENDED_BY_TIME_CAP and trainer.is_global_zero:
         print(f"\nWARNING: trainer.max_time={tr.max_time} stopped this invocation of {name} "
               f"after {done}: this backbone is NOT yet the one the command describes. Run the "
               "same command again to train the remaining steps (it resumes from last.ckpt, on "
