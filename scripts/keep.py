@@ -51,7 +51,9 @@ from fewlabels.models.checkpoint import (
 
 def files_to_keep(folder: Path, training_state: bool = False) -> list[Path]:
     """The files of ``folder`` that carry it to another machine; with ``training_state``, also
-    what resumes its unfinished round at its step. ValueError for any other folder."""
+    what resumes its unfinished round at its step, or its pretraining run where it stopped.
+    ValueError for any other folder, and for a pretraining run with steps left without
+    ``training_state``."""
     rounds = round_folders(folder)
     if not rounds and pretraining_unfinished(folder):
         if not training_state:
