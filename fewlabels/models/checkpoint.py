@@ -102,6 +102,13 @@ def newest_checkpoint(checkpoint_dir: str | Path) -> Path:
     return found[-1].parent
 
 
+def _stopped_by_time_cap(folder: Path) -> bool:
+    """Whether ``folder``'s ``provenance.json`` says ``trainer.max_time`` stopped its run short."""
+    provenance = folder / PROVENANCE_FILE
+    return (provenance.is_file()
+            and json.loads(provenance.read_text()).get("ended_by") == ENDED_BY_TIME_CAP)
+
+
 def pretraining_unfinished(folder: str | Path) -> bool:
     """Whether the pretraining run in ``folder`` has steps left that its ``last.ckpt`` resumes:
     killed before it exported (no ``provenance.json``) or stopped by ``trainer.max_time``
@@ -109,9 +116,7 @@ def pretraining_unfinished(folder: str | Path) -> bool:
     folder = Path(folder)
     if not (folder / LAST_FILE).is_file():
         return False
-    if not (folder / PROVENANCE_FILE).is_file():
-        return True
-    return json.loads((folder / PROVENANCE_FILE).read_text()).get("ended_by") == ENDED_BY_TIME_CAP
+    return not (folder / PROVENANCE_FILE).is_file() or _stopped_by_time_cap(folder)
 
 
 def open_checkpoint(folder: str | Path) -> Checkpoint:
@@ -123,9 +128,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if kind_of(folder / BACKBONE_FILE) != KIND_BACKBONE:
         raise CheckpointError(f"{folder / BACKBONE_FILE} is not a pretrained backbone; pass a "
                               "folder written by 'make pretrain'")
-    provenance = folder / PROVENANCE_FILE
-    if (provenance.is_file()
-            and json.loads(provenance.read_text()).get("ended_by") == ENDED_BY_TIME_CAP):
+    if _stopped_by_time_cap(folder):
         raise CheckpointError(f"{folder} is a pretraining run that trainer.max_time stopped short "
                               f"of its steps ({PROVENANCE_FILE}: ended_by {ENDED_BY_TIME_CAP!r}), "
                               "not yet the backbone its command describes: run the same 'make "
