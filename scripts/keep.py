@@ -37,7 +37,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fewlabels.active.run import ROUND_FILE, SELECTION_FILE, round_folders
+from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE, round_folders
 from fewlabels.models.checkpoint import (
     BACKBONE_FILE,
     CLASSIFIER_FILE,

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from fewlabels.active import badge, entropy, margin
 from fewlabels.active import run as active_module
+from fewlabels.active.replay import replay_tag
 from fewlabels.active.run import active, active_run
 from fewlabels.config import compose
 from fewlabels.models import open_checkpoint
@@ -25,7 +26,7 @@ from fewlabels.models.checkpoint import (
     load_classifier,
     weights_metadata,
 )
-from fewlabels.oracle import stats
+from fewlabels.oracle import distinct_ids_revealed, stats
 from fewlabels.probe.select import select_probcover
 
 
@@ -312,6 +313,8 @@ def test_test_labels_change_no_selection_and_no_prediction(tiny_checkpoint, tmp_
     ("last_round_stream=1001", "last_round_stream=1001.*from 1 to 1000"),
     ("budgets=[10] last_round_stream=1", "last of two or more rounds"),
     ("branch_from=no-such-run", "holds no finished round of seed 0"),
+    ("replay_from=../x", "replay_from"),
+    ("replay_from=no-such-run", "replay_from='no-such-run': .* holds no active run of seed 0"),
     ("trainer.max_time=90m", "trainer.max_time.*DD:HH:MM:SS"),
     ("algorithm=distill", "algorithm=distill: a fine-tuned model teaches itself"),
     ("last_round_algorithm=distill", "last_round_algorithm='distill'"),
@@ -619,3 +622,45 @@ def test_a_distillation_round_buys_nothing_and_teaches_the_last_model_to_itself(
     assert not torch.equal(student.head.weight, round2.head.weight)
     assert active(active_config(tiny_checkpoint, tmp_path, *overrides))["rows"] == summary["rows"]
     assert len(seen) == 1  # read back, nothing trained again
+
+
+def test_a_replay_buys_each_round_the_ids_its_source_bought_and_scores_nothing(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``replay_from`` a finished run: every round, round 0 included, buys the ids the source's
+    same round bought, under the replay's own oracle run, without the cold start's features, a
+    pool score or a selection; it trains its own models (here with twice the warm steps), and
+    both runs together were revealed the same 30 distinct ids, which is what an ensemble of the
+    two counts. A source with other budgets or without this seed is refused before any query."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    source_cfg = active_config(tiny_checkpoint, tmp_path)
+    active(source_cfg)
+    ckpt = open_checkpoint(tiny_checkpoint)
+    source = active_run(source_cfg, ckpt, 0)
+    for name in ("features", "score_pool", "select"):
+        monkeypatch.setattr(active_module, name, lambda *a, n=name, **k: pytest.fail(n))
+    cfg = active_config(tiny_checkpoint, tmp_path, "round_fraction=0.4",
+                        f"replay_from={source.name}")
+    summary = active(cfg)
+    replay = active_run(cfg, ckpt, 0)
+    assert f"-supervised-{replay_tag(source.name)}-b10-20-30" in replay.name
+    assert summary["replay_from"] == source.name
+    assert {s.run_id: s.labels_revealed for s in stats()} == {source.oracle_run_id: 30,
+                                                              replay.oracle_run_id: 30}
+    assert distinct_ids_revealed([source.oracle_run_id, replay.oracle_run_id]) == 30
+    was, now = ([json.loads((run.folder / f"round{k}" / "round.json").read_text())
+                 for k in range(3)] for run in (source, replay))
+    assert [r["ids"] for r in now] == [r["ids"] for r in was]
+    assert [r["how"] for r in now] == ["replay"] * 3
+    assert [r["steps"] for r in now] == [10, 4, 4] and [r["steps"] for r in was] == [10, 2, 2]
+    for k in range(3):
+        selection = json.loads((replay.folder / f"round{k}" / "selection.json").read_text())
+        assert selection["replayed_from"] == str(source.folder / f"round{k}")
+    assert not torch.equal(load_classifier(replay.folder / "round2" / CLASSIFIER_FILE).head.weight,
+                           load_classifier(source.folder / "round2" / CLASSIFIER_FILE).head.weight)
+
+    for overrides, message in ((["budgets=[10,25,30]"], r"bought budgets=\[10, 20, 30\]"),
+                               (["seeds=2"], "holds no active run of seed 1")):
+        with pytest.raises(ValueError, match=message):
+            active(active_config(tiny_checkpoint, tmp_path, f"replay_from={source.name}",
+                                 "run_tag=other-", *overrides))
+    assert len(stats()) == 2

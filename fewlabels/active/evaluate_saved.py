@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fewlabels.active.run import ROUND_FILE, round_folders
+from fewlabels.active.rounds import ROUND_FILE, round_folders
 from fewlabels.data import load_test_set
 from fewlabels.evaluate import TEST_VIEWS, evaluate, mean_std, predict_probs
 from fewlabels.files import sha256_file, write_json_atomic

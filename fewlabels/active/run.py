@@ -22,6 +22,9 @@ from a run that differs only in ``select`` just round 0 (the cold start) is copi
 ``last_round_stream=<i>`` trains the last round from another random stream (the batches and
 augmentations it draws; the same ids, settings and starting model), to measure what chance alone
 moves (the run is named ``…-stream<i>``).
+``replay_from=<run>`` buys in every round the ids that run's same seed bought in that round
+(:mod:`fewlabels.active.replay`), so another checkpoint learns from the same labels (the run is
+named ``active-<checkpoint>-<sha8>-<algorithm>-replay-<sha8 of the run's name>-b<budgets>…``).
 ``last_round_algorithm=<name>`` trains the last round alone with another algorithm (the run is
 named ``…-<name>``); a branch never copies a round trained with another algorithm, ratio or
 stream.
@@ -50,6 +53,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewlabels.active import ACQUISITIONS
+from fewlabels.active.replay import REPLAY, replay_rounds, replay_tag, replayed_ids
+from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE
 from fewlabels.config import compose
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.data.transforms import normalize_uint8
@@ -91,13 +96,12 @@ from fewlabels.semisup.run import (
 )
 from fewlabels.tracking import init_run
 
-ROUND_FILE, SELECTION_FILE = "round.json", "selection.json"
 # Seeds are seed * 1000 + round; each other stream adds this span, so that no two meet while
 # seeds stay below 1,000 and streams at most MAX_STREAM (under seed_everything's 2**32).
 MAX_STREAM_SEED_SPAN, MAX_STREAM = 1_000_000, 1000
 # Settings every round of a branch's source must share; `select` is compared round by round
 # (round.json's "how"), since round 0 picks with the cold start.
-ROUND_KEYS = (*TRAINING_KEYS, "warm_start", "round_fraction")
+ROUND_KEYS = (*TRAINING_KEYS, "warm_start", "round_fraction", "replay_from")
 ACTIVE_KEYS = (*ROUND_KEYS, "select", "budgets", "last_round_fraction",
                "last_round_unlabeled_ratio", "last_round_stream", "last_round_algorithm",
                "distill_fraction", "distill_algorithm")
@@ -125,7 +129,9 @@ def is_distill_round(cfg: DictConfig, k: int) -> bool:
 
 def round_how(cfg: DictConfig, k: int) -> str:
     """How round k's new ids were chosen (the distillation round chooses none)."""
-    return cfg.strategy if k == 0 else DISTILL if is_distill_round(cfg, k) else cfg.select
+    if is_distill_round(cfg, k):
+        return DISTILL
+    return REPLAY if cfg.replay_from is not None else cfg.strategy if k == 0 else cfg.select
 
 
 def last_round_setting(cfg: DictConfig, k: int, key: str, otherwise: Any) -> Any:
@@ -187,18 +193,12 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
         budgets += f"-{round_algorithm(cfg, len(cfg.budgets) - 1).name}"
     if cfg.distill_fraction is not None:
         budgets += f"-{DISTILL}{round_steps(cfg, len(cfg.budgets))}"
-    scheme = f"{cfg.algorithm.name}-{cfg.strategy}-{cfg.select}"
-    name = f"active-{base}-{scheme}-b{budgets}"
+    how = (replay_tag(cfg.replay_from) if cfg.replay_from is not None
+           else f"{cfg.strategy}-{cfg.select}")
+    name = f"active-{base}-{cfg.algorithm.name}-{how}-b{budgets}"
     return ActiveRun(name, f"{name}-seed{seed}",
-                     f"active/{base}/{cfg.algorithm.name}/{cfg.strategy}-{cfg.select}/b{budgets}/"
-                     f"seed{seed}",
+                     f"active/{base}/{cfg.algorithm.name}/{how}/b{budgets}/seed{seed}",
                      Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{name}-seed{seed}")
-
-
-def round_folders(seed_folder: Path) -> list[Path]:
-    """A seed folder's ``round<k>/`` folders, in round order (finished or not)."""
-    return sorted((p for p in seed_folder.glob("round*") if p.name[5:].isdigit()),
-                  key=lambda p: int(p.name[5:]))
 
 
 def curve_name(name: str, seeds: list[int]) -> str:
@@ -246,8 +246,9 @@ def validate_active(cfg: DictConfig) -> list[int]:
             raise ValueError(f"last_round_stream={stream!r}: another random stream for the last "
                              f"of two or more rounds, a whole number from 1 to {MAX_STREAM}; "
                              "give two or more budgets, or leave it unset")
-    if cfg.branch_from is not None:
-        safe_name(cfg.branch_from, "branch_from")
+    for key in ("branch_from", "replay_from"):
+        if cfg[key] is not None:
+            safe_name(cfg[key], key)
     for b in budgets:
         check_whole(b, "budgets entry", 1)
     if not budgets or any(b >= c for b, c in zip(budgets, budgets[1:], strict=False)):
@@ -365,13 +366,18 @@ def score_pool(model: Classifier, pool: np.ndarray, batch_size: int,
 
 
 def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.ndarray,
-             pool: np.ndarray, pretrained_feats: np.ndarray, seed: int) -> np.ndarray:
+             pool: np.ndarray, pretrained_feats: np.ndarray | None, seed: int,
+             replayed: list[Path]) -> np.ndarray:
     """Round k's new ids, saved before they are queried so that a rerun asks for the same."""
     path = run.folder / f"round{k}" / SELECTION_FILE
     if path.is_file():
         return np.array(json.loads(path.read_text())["new_ids"], dtype=np.int64)
+    replayed_from = {}
     if is_distill_round(cfg, k):
         new = np.zeros(0, dtype=np.int64)
+    elif replayed:
+        new = replayed_ids(replayed[k], labeled, len(pool))
+        replayed_from = {"replayed_from": str(replayed[k])}
     elif k == 0:
         tc = cfg.typiclust
         new = select(cfg.strategy, pretrained_feats, budget, seed, tc.neighbors,
@@ -383,17 +389,18 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
                                        seed * 1000 + k)
     write_json_atomic(path, {"round": k, "budget": budget,
                              "how": round_how(cfg, k),
-                             "new_ids": [int(i) for i in new]})
+                             "new_ids": [int(i) for i in new], **replayed_from})
     return new
 
 
 def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: int,
-           labeled: np.ndarray, pool: np.ndarray, pretrained_feats: np.ndarray,
-           test_images: np.ndarray, test_labels: np.ndarray, seed: int) -> dict[str, Any]:
+           labeled: np.ndarray, pool: np.ndarray, pretrained_feats: np.ndarray | None,
+           test_images: np.ndarray, test_labels: np.ndarray, seed: int,
+           replayed: list[Path]) -> dict[str, Any]:
     folder = run.folder / f"round{k}"
     done = folder / ROUND_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    new = _new_ids(cfg, run, k, budget, labeled, pool, pretrained_feats, seed)
+    new = _new_ids(cfg, run, k, budget, labeled, pool, pretrained_feats, seed, replayed)
     ids = np.concatenate([labeled, new]).astype(np.int64)
     with Oracle(run.oracle_run_id, budget=cfg.budgets[-1], purpose="active") as oracle:
         labels = oracle.query(ids, purpose=f"round{k}")  # earlier rounds' ids cost nothing
@@ -446,11 +453,13 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     return result
 
 
-def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_feats: np.ndarray,
-             test_images: np.ndarray, test_labels: np.ndarray, seed: int,
-             sources: list[Path]) -> list[dict[str, Any]] | None:
+def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray,
+             pretrained_feats: np.ndarray | None, test_images: np.ndarray,
+             test_labels: np.ndarray, seed: int, sources: list[Path],
+             replayed: list[Path]) -> list[dict[str, Any]] | None:
     """The seed's rounds (the first ``len(sources)`` copied from those round folders unless this
-    run has them already); None when trainer.max_time stopped one (run the command again)."""
+    run has them already; with ``replayed``, each round buying the new ids of that round folder);
+    None when trainer.max_time stopped one (run the command again)."""
     run = active_run(cfg, ckpt, seed)
     check_same_training(cfg, run.folder, ACTIVE_KEYS)
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -466,7 +475,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray, pretrained_fea
             result = _copy_round(cfg, run, k, sources[k], labeled)
         else:
             result = _round(cfg, ckpt, run, k, budget, labeled, pool, pretrained_feats,
-                            test_images, test_labels, seed)
+                            test_images, test_labels, seed, replayed)
         algorithm = result.get("algorithm", cfg.algorithm.name)
         other = f"{algorithm}, " if algorithm not in (cfg.algorithm.name, result["how"]) else ""
         copied = f", copied from {result['copied_from']}" if "copied_from" in result else ""
@@ -546,13 +555,18 @@ def active(cfg: DictConfig) -> dict[str, Any]:
             cfg.distill_algorithm = compose("finetune", [f"algorithm={DISTILL}"]).algorithm
     seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
     sources = {seed: branch_rounds(cfg, ckpt, seed) for seed in seeds}
+    replayed = {seed: [] if cfg.replay_from is None else
+                replay_rounds(cfg.replay_from, cfg.checkpoint_dir, budgets, seed)
+                for seed in seeds}
     pool = load_train_images().images[: cfg.pool_limit]
     if budgets[-1] > len(pool):
         raise ValueError(f"budgets={budgets}: the pool has {len(pool)} images")
     test = load_test_set()
-    pretrained_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)
+    pretrained_feats = None  # a replayed round 0 needs no cold start
+    if cfg.replay_from is None:
+        pretrained_feats, _ = features(ckpt, pool, test.images, cfg.feature_batch_size)
     finished = [run_seed(cfg, ckpt, pool, pretrained_feats, test.images, test.labels, seed,
-                         sources[seed]) for seed in seeds]
+                         sources[seed], replayed[seed]) for seed in seeds]
     per_seed = [rounds for rounds in finished if rounds is not None]
     if len(per_seed) < len(finished):
         print("WARNING: trainer.max_time stopped a round before its steps; no curve is written. "
@@ -572,13 +586,15 @@ def active(cfg: DictConfig) -> dict[str, Any]:
                "distill_steps": (round_steps(cfg, len(budgets))
                                  if cfg.distill_fraction is not None else None),
                "cold_start": cfg.strategy,
-               "select": cfg.select, "budgets": budgets, "seeds": seeds, "target": cfg.target,
+               "select": cfg.select, "replay_from": cfg.replay_from, "budgets": budgets,
+               "seeds": seeds, "target": cfg.target,
                "first_budget_passing_target": passing["budget"] if passing else None,
                "rows": rows, "hardware": hardware(), "git_commit": git_commit()}
     write_json_atomic(out.with_suffix(".json"), summary)
     _log_curve(cfg, name, ckpt.name, rows, out.with_suffix(".png"))
-    print(f"checkpoint: {ckpt.folder}\nalgorithm={cfg.algorithm.name} cold={cfg.strategy} "
-          f"select={cfg.select}, {len(seeds)} seeds")
+    how = (f"replay_from={cfg.replay_from}" if cfg.replay_from is not None
+           else f"cold={cfg.strategy} select={cfg.select}")
+    print(f"checkpoint: {ckpt.folder}\nalgorithm={cfg.algorithm.name} {how}, {len(seeds)} seeds")
     print("| round | labels counted per seed | test accuracy (mean ± std) | wall time |")
     print("|---:|---:|---:|---:|")
     for r in rows:
