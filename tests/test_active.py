@@ -658,9 +658,16 @@ def test_a_replay_buys_each_round_the_ids_its_source_bought_and_scores_nothing(
     assert not torch.equal(load_classifier(replay.folder / "round2" / CLASSIFIER_FILE).head.weight,
                            load_classifier(source.folder / "round2" / CLASSIFIER_FILE).head.weight)
 
-    for overrides, message in ((["budgets=[10,25,30]"], r"bought budgets=\[10, 20, 30\]"),
-                               (["seeds=2"], "holds no active run of seed 1")):
-        with pytest.raises(ValueError, match=message):
+    def refused(*overrides: str) -> str:
+        with pytest.raises(ValueError) as err:
             active(active_config(tiny_checkpoint, tmp_path, f"replay_from={source.name}",
                                  "run_tag=other-", *overrides))
+        return str(err.value)
+
+    assert "bought budgets=[10, 20, 30]" in refused("budgets=[10,25,30]")
+    assert "holds no active run of seed 1" in refused("seeds=2")
+    selection = source.folder / "round1" / "selection.json"  # a source edited by hand
+    edited = json.loads(selection.read_text())
+    selection.write_text(json.dumps({**edited, "new_ids": edited["new_ids"][::-1]}))
+    assert "round1: its selection.json and round.json disagree" in refused()
     assert len(stats()) == 2

@@ -46,22 +46,31 @@ def replay_rounds(replay_from: str, checkpoint_dir: str, budgets: list[int],
                          f"budgets={budgets} cannot retrace its rounds; give "
                          f"budgets=[{','.join(map(str, theirs))}] or a leading part of it")
     rounds = [source / f"round{k}" for k in range(len(budgets))]
+    bought: list[int] = []
     for k, folder in enumerate(rounds):
         if not ((folder / ROUND_FILE).is_file() and (folder / SELECTION_FILE).is_file()):
             raise ValueError(f"replay_from={replay_from!r}: {folder} holds no finished round {k} "
                              f"of seed {seed}; finish that run first, or {hint}")
+        bought = _round_ids(folder, bought)
     return rounds
+
+
+def _round_ids(source_round: Path, before: list[int]) -> list[int]:
+    """The ids the source held after this round: ``before`` and the round's new ids, checked
+    against its ``round.json`` (a ValueError when its files were changed after it ran)."""
+    new = json.loads((source_round / SELECTION_FILE).read_text())["new_ids"]
+    ids = json.loads((source_round / ROUND_FILE).read_text())["ids"]
+    if [*before, *new] != ids:
+        raise ValueError(f"{source_round}: its selection.json and round.json disagree on the ids "
+                         "bought; its files were changed after it ran, so it cannot be replayed")
+    return ids
 
 
 def replayed_ids(source_round: Path, labeled: np.ndarray, pool_size: int) -> np.ndarray:
     """The new ids the source bought in this round, checked to continue this run's earlier ones
     and to lie in this run's pool."""
-    new = np.array(json.loads((source_round / SELECTION_FILE).read_text())["new_ids"],
-                   dtype=np.int64)
-    ids = json.loads((source_round / ROUND_FILE).read_text())["ids"]
-    if [*labeled.tolist(), *new.tolist()] != ids:
-        raise ValueError(f"{source_round} does not continue the ids this run bought before; "
-                         "its files were changed after it ran: replay another run")
+    ids = _round_ids(source_round, labeled.tolist())
+    new = np.array(ids[len(labeled):], dtype=np.int64)
     if len(new) and int(new.max()) >= pool_size:
         raise ValueError(f"{source_round} bought id {int(new.max())}, outside this run's pool "
                          f"of {pool_size} images: give the source run's pool_limit")

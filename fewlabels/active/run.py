@@ -372,7 +372,7 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
     path = run.folder / f"round{k}" / SELECTION_FILE
     if path.is_file():
         return np.array(json.loads(path.read_text())["new_ids"], dtype=np.int64)
-    replayed_from = {}
+    replayed_from: dict[str, str] = {}
     if is_distill_round(cfg, k):
         new = np.zeros(0, dtype=np.int64)
     elif replayed:
