@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,19 @@ def replay_tag(replay_from: str) -> str:
     return f"{REPLAY}-{hashlib.sha256(replay_from.encode()).hexdigest()[:8]}"
 
 
-def replay_rounds(replay_from: str, checkpoint_dir: str, budgets: list[int],
-                  seed: int) -> list[Path]:
-    """The source's round folders that this run's rounds replay, one per budget; a clear error,
-    before anything is bought, when the source did not finish those rounds with those budgets."""
+@dataclass(frozen=True)
+class ReplayedRound:
+    """One round of the source: its folder and the new ids it bought, in its order."""
+
+    folder: Path
+    new_ids: np.ndarray
+
+
+def replay_rounds(replay_from: str, checkpoint_dir: str, budgets: list[int], seed: int,
+                  pool_size: int) -> list[ReplayedRound]:
+    """The source's rounds that this run's rounds replay, one per budget; a clear error, before
+    anything is bought, when the source did not finish those rounds with those budgets, when its
+    files disagree on the ids bought, or when an id lies outside this run's pool."""
     source = Path(checkpoint_dir) / FINETUNED_DIR / f"{replay_from}-seed{seed}"
     hint = ("give the name of an active run that 'make active' printed (results/<name>.csv) and "
             "whose rounds for this seed are finished")
@@ -45,33 +55,20 @@ def replay_rounds(replay_from: str, checkpoint_dir: str, budgets: list[int],
         raise ValueError(f"replay_from={replay_from!r}: that run bought budgets={theirs}, so "
                          f"budgets={budgets} cannot retrace its rounds; give "
                          f"budgets=[{','.join(map(str, theirs))}] or a leading part of it")
-    rounds = [source / f"round{k}" for k in range(len(budgets))]
-    bought: list[int] = []
-    for k, folder in enumerate(rounds):
+    rounds, bought = [], []
+    for k in range(len(budgets)):
+        folder = source / f"round{k}"
         if not ((folder / ROUND_FILE).is_file() and (folder / SELECTION_FILE).is_file()):
             raise ValueError(f"replay_from={replay_from!r}: {folder} holds no finished round {k} "
                              f"of seed {seed}; finish that run first, or {hint}")
-        bought = _round_ids(folder, bought)
+        new = json.loads((folder / SELECTION_FILE).read_text())["new_ids"]
+        bought += new
+        if bought != json.loads((folder / ROUND_FILE).read_text())["ids"]:
+            raise ValueError(f"{folder}: its selection.json and round.json disagree on the ids "
+                             "bought; its files were changed after it ran, so it cannot be "
+                             "replayed")
+        if new and max(new) >= pool_size:
+            raise ValueError(f"{folder} bought id {max(new)}, outside this run's pool of "
+                             f"{pool_size} images: give the source run's pool_limit")
+        rounds.append(ReplayedRound(folder, np.array(new, dtype=np.int64)))
     return rounds
-
-
-def _round_ids(source_round: Path, before: list[int]) -> list[int]:
-    """The ids the source held after this round: ``before`` and the round's new ids, checked
-    against its ``round.json`` (a ValueError when its files were changed after it ran)."""
-    new = json.loads((source_round / SELECTION_FILE).read_text())["new_ids"]
-    ids = json.loads((source_round / ROUND_FILE).read_text())["ids"]
-    if [*before, *new] != ids:
-        raise ValueError(f"{source_round}: its selection.json and round.json disagree on the ids "
-                         "bought; its files were changed after it ran, so it cannot be replayed")
-    return ids
-
-
-def replayed_ids(source_round: Path, labeled: np.ndarray, pool_size: int) -> np.ndarray:
-    """The new ids the source bought in this round, checked to continue this run's earlier ones
-    and to lie in this run's pool."""
-    ids = _round_ids(source_round, labeled.tolist())
-    new = np.array(ids[len(labeled):], dtype=np.int64)
-    if len(new) and int(new.max()) >= pool_size:
-        raise ValueError(f"{source_round} bought id {int(new.max())}, outside this run's pool "
-                         f"of {pool_size} images: give the source run's pool_limit")
-    return new

@@ -53,7 +53,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewlabels.active import ACQUISITIONS
-from fewlabels.active.replay import REPLAY, replay_rounds, replay_tag, replayed_ids
+from fewlabels.active.replay import REPLAY, ReplayedRound, replay_rounds, replay_tag
 from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE
 from fewlabels.config import compose
 from fewlabels.data import load_test_set, load_train_images
@@ -367,7 +367,7 @@ def score_pool(model: Classifier, pool: np.ndarray, batch_size: int,
 
 def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.ndarray,
              pool: np.ndarray, pretrained_feats: np.ndarray | None, seed: int,
-             replayed: list[Path]) -> np.ndarray:
+             replayed: list[ReplayedRound]) -> np.ndarray:
     """Round k's new ids, saved before they are queried so that a rerun asks for the same."""
     path = run.folder / f"round{k}" / SELECTION_FILE
     if path.is_file():
@@ -376,8 +376,8 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
     if is_distill_round(cfg, k):
         new = np.zeros(0, dtype=np.int64)
     elif replayed:
-        new = replayed_ids(replayed[k], labeled, len(pool))
-        replayed_from = {"replayed_from": str(replayed[k])}
+        new = replayed[k].new_ids
+        replayed_from = {"replayed_from": str(replayed[k].folder)}
     elif k == 0:
         tc = cfg.typiclust
         new = select(cfg.strategy, pretrained_feats, budget, seed, tc.neighbors,
@@ -396,7 +396,7 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
 def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: int,
            labeled: np.ndarray, pool: np.ndarray, pretrained_feats: np.ndarray | None,
            test_images: np.ndarray, test_labels: np.ndarray, seed: int,
-           replayed: list[Path]) -> dict[str, Any]:
+           replayed: list[ReplayedRound]) -> dict[str, Any]:
     folder = run.folder / f"round{k}"
     done = folder / ROUND_FILE
     folder.mkdir(parents=True, exist_ok=True)
@@ -456,9 +456,9 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
 def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray,
              pretrained_feats: np.ndarray | None, test_images: np.ndarray,
              test_labels: np.ndarray, seed: int, sources: list[Path],
-             replayed: list[Path]) -> list[dict[str, Any]] | None:
+             replayed: list[ReplayedRound]) -> list[dict[str, Any]] | None:
     """The seed's rounds (the first ``len(sources)`` copied from those round folders unless this
-    run has them already; with ``replayed``, each round buying the new ids of that round folder);
+    run has them already; with ``replayed``, each round buying that source round's new ids);
     None when trainer.max_time stopped one (run the command again)."""
     run = active_run(cfg, ckpt, seed)
     check_same_training(cfg, run.folder, ACTIVE_KEYS)
@@ -555,12 +555,12 @@ def active(cfg: DictConfig) -> dict[str, Any]:
             cfg.distill_algorithm = compose("finetune", [f"algorithm={DISTILL}"]).algorithm
     seeds = [cfg.first_seed + s for s in range(cfg.seeds)]
     sources = {seed: branch_rounds(cfg, ckpt, seed) for seed in seeds}
-    replayed = {seed: [] if cfg.replay_from is None else
-                replay_rounds(cfg.replay_from, cfg.checkpoint_dir, budgets, seed)
-                for seed in seeds}
     pool = load_train_images().images[: cfg.pool_limit]
     if budgets[-1] > len(pool):
         raise ValueError(f"budgets={budgets}: the pool has {len(pool)} images")
+    replayed = {seed: [] if cfg.replay_from is None else
+                replay_rounds(cfg.replay_from, cfg.checkpoint_dir, budgets, seed, len(pool))
+                for seed in seeds}
     test = load_test_set()
     pretrained_feats = None  # a replayed round 0 needs no cold start
     if cfg.replay_from is None:
