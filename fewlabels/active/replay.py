@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE
+from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE, round_folder
 from fewlabels.models.checkpoint import CONFIG_FILE, FINETUNED_DIR
 
 REPLAY = "replay"
@@ -57,7 +57,7 @@ def replay_rounds(replay_from: str, checkpoint_dir: str, budgets: list[int], see
                          f"budgets=[{','.join(map(str, theirs))}] or a leading part of it")
     rounds, bought = [], []
     for k in range(len(budgets)):
-        folder = source / f"round{k}"
+        folder = round_folder(source, k)
         if not ((folder / ROUND_FILE).is_file() and (folder / SELECTION_FILE).is_file()):
             raise ValueError(f"replay_from={replay_from!r}: {folder} holds no finished round {k} "
                              f"of seed {seed}; finish that run first, or {hint}")

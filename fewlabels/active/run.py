@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewlabels.active import ACQUISITIONS
 from fewlabels.active.replay import REPLAY, ReplayedRound, replay_rounds, replay_tag
-from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE
+from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE, round_folder
 from fewlabels.config import compose
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.data.transforms import normalize_uint8
@@ -279,7 +279,7 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
         print(f"  seed {seed}: branch_from={cfg.branch_from} did not run this seed; every round "
               "trains", flush=True)
         return []
-    if not (source / CONFIG_FILE).is_file() or not (source / "round0" / ROUND_FILE).is_file():
+    if not (source / CONFIG_FILE).is_file() or not (round_folder(source, 0) / ROUND_FILE).is_file():
         raise ValueError(f"branch_from={cfg.branch_from!r}: {source} holds no finished round of "
                          f"seed {seed}; {hint}")
     try:
@@ -294,7 +294,7 @@ def branch_rounds(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> list[Path]:
                          f"(differs in {', '.join(differ)}), so none of its rounds is this run's")
     rounds = []
     for k in range(len(cfg.budgets)):
-        folder = source / f"round{k}"
+        folder = round_folder(source, k)
         if (saved_budgets[:k + 1] != list(cfg.budgets[:k + 1])
                 or not (folder / ROUND_FILE).is_file()):
             break
@@ -326,7 +326,7 @@ def _copy_round(cfg: DictConfig, run: ActiveRun, k: int, source: Path, labeled: 
                 ) -> dict[str, Any]:
     """Round k taken from another run's identical round: its ids bought under this run's id (the
     database counts them here), its model and test predictions copied, nothing trained."""
-    folder = run.folder / f"round{k}"
+    folder = round_folder(run.folder, k)
     folder.mkdir(parents=True, exist_ok=True)
     result = json.loads((source / ROUND_FILE).read_text())
     new = np.array(json.loads((source / SELECTION_FILE).read_text())["new_ids"], dtype=np.int64)
@@ -369,7 +369,7 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
              pool: np.ndarray, pretrained_feats: np.ndarray | None, seed: int,
              replayed: list[ReplayedRound]) -> np.ndarray:
     """Round k's new ids, saved before they are queried so that a rerun asks for the same."""
-    path = run.folder / f"round{k}" / SELECTION_FILE
+    path = round_folder(run.folder, k) / SELECTION_FILE
     if path.is_file():
         return np.array(json.loads(path.read_text())["new_ids"], dtype=np.int64)
     replayed_from: dict[str, str] = {}
@@ -383,7 +383,7 @@ def _new_ids(cfg: DictConfig, run: ActiveRun, k: int, budget: int, labeled: np.n
         new = select(cfg.strategy, pretrained_feats, budget, seed, tc.neighbors,
                      tc.minibatch_above, tc.max_clusters)
     else:
-        previous = load_classifier(run.folder / f"round{k - 1}" / CLASSIFIER_FILE)
+        previous = load_classifier(round_folder(run.folder, k - 1) / CLASSIFIER_FILE)
         probs, feats = score_pool(previous, pool, cfg.trainer.eval_batch_size)
         new = ACQUISITIONS[cfg.select](probs, feats, labeled, budget - len(labeled),
                                        seed * 1000 + k)
@@ -397,7 +397,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
            labeled: np.ndarray, pool: np.ndarray, pretrained_feats: np.ndarray | None,
            test_images: np.ndarray, test_labels: np.ndarray, seed: int,
            replayed: list[ReplayedRound]) -> dict[str, Any]:
-    folder = run.folder / f"round{k}"
+    folder = round_folder(run.folder, k)
     done = folder / ROUND_FILE
     folder.mkdir(parents=True, exist_ok=True)
     new = _new_ids(cfg, run, k, budget, labeled, pool, pretrained_feats, seed, replayed)
@@ -415,7 +415,7 @@ def _round(cfg: DictConfig, ckpt: Checkpoint, run: ActiveRun, k: int, budget: in
     pl.seed_everything(stream_seed, workers=True)
     learner = build_learner(round_cfg, load_backbone(ckpt), pool[ids], labels, pool, stream_seed)
     if warm:
-        state = load_classifier(run.folder / f"round{k - 1}" / CLASSIFIER_FILE).state_dict()
+        state = load_classifier(round_folder(run.folder, k - 1) / CLASSIFIER_FILE).state_dict()
         learner.model.load_state_dict(state)
         learner.ema_model.load_state_dict(state)
     logger = wandb_logger(round_cfg, folder, f"{run.seed_name}-round{k}", run.name, "active")
@@ -467,7 +467,7 @@ def run_seed(cfg: DictConfig, ckpt: Checkpoint, pool: np.ndarray,
     labeled = np.zeros(0, dtype=np.int64)
     rounds = []
     for k, budget in enumerate(round_budgets(cfg)):
-        done = run.folder / f"round{k}" / ROUND_FILE
+        done = round_folder(run.folder, k) / ROUND_FILE
         if done.is_file():  # finished before: read back, whether trained or copied
             result = json.loads(done.read_text())
             check_recorded(run.oracle_run_id, result["n_queries"], done)
