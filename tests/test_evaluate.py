@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fewlabels.active.evaluate_saved import evaluate_saved
+from fewlabels.active.rounds import seeds_name
 from fewlabels.active.run import active, active_run
 from fewlabels.cli import main
 from fewlabels.config import compose
@@ -92,6 +93,31 @@ def test_evaluate_reads_each_seeds_final_round_and_writes_the_run_with_its_count
     evaluations = [r for r in logged if "test_accuracy_mean" in r["summary"]]
     assert len(evaluations) == 1
     assert evaluations[0]["summary"]["test_accuracy_mean"] == pytest.approx(summary["mean"])
+
+
+def test_other_seeds_of_a_run_get_their_own_results_file_and_leave_the_first_seeds_file_alone(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    """``make evaluate`` on seeds 3-5 of a run whose seeds 0-2 were evaluated before (a run
+    confirmed on fresh seeds with ``first_seed=3``) must not overwrite their figures."""
+    assert seeds_name("r", [1, 0]) == "r" and seeds_name("r", [5, 3, 4]) == "r-seeds3-5"
+    assert seeds_name("r", [2]) == "r-seeds2-2" and seeds_name("r", [0, 2]) == "r-seeds0.2"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    runs = _loop(tiny_checkpoint, tmp_path, seeds=3)
+    results = tmp_path / "results"
+
+    def evaluate_seeds(seeds: list[int]) -> dict:
+        cfg = compose("evaluate", [f"runs=[{','.join(str(runs[s].folder) for s in seeds)}]",
+                                   "views=none", f"results_dir={results}",
+                                   f"logger.dir={tmp_path}"])
+        evaluate_saved(cfg)
+        return json.loads((results / f"evaluate-{seeds_name(runs[0].name, seeds)}-none.json")
+                          .read_text())
+
+    first = evaluate_seeds([0, 1])
+    assert first["seeds"] == [0, 1]
+    assert evaluate_seeds([2])["seeds"] == [2]
+    assert json.loads((results / f"evaluate-{runs[0].name}-none.json").read_text()) == first
+    assert len(list(results.glob("evaluate-*.json"))) == 2
 
 
 def _assert_refused(cases, results, tmp_path, capsys) -> None:

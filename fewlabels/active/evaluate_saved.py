@@ -8,7 +8,8 @@ Per seed folder (``checkpoints/finetuned/active-<run>-seed<S>``): the last round
 database (``check_recorded``), and the plain prediction is computed again beside the recorded
 ``test_accuracy``, so that a model that is not the round's shows. Seeds of one run are grouped:
 ``results/evaluate-<run>-<views>.json`` (per seed and mean ± std) and one W&B run per group
-(``job_type=evaluate``).
+(``job_type=evaluate``); seeds other than 0, 1, …, n-1 add theirs to the name (``-seeds3-5``,
+``rounds.seeds_name``), so that they do not overwrite the first seeds' file.
 
 ``ensemble=true``: the folders given for one seed are the members of one classifier, the mean of
 their softmax outputs (equal weights, each member asked about ``views``). Every seed must have
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fewlabels.active.rounds import ROUND_FILE, round_folders
+from fewlabels.active.rounds import ROUND_FILE, round_folders, seeds_name
 from fewlabels.data import load_test_set
 from fewlabels.evaluate import TEST_VIEWS, evaluate, mean_std, predict_probs
 from fewlabels.files import sha256_file, write_json_atomic
@@ -180,7 +181,8 @@ def _evaluate_ensembles(cfg: DictConfig, by_seed: dict[int, list[FinalRound]],
     first = next(iter(by_seed.values()))
     # the member runs named by a digest: two ensembles of one run do not share a file
     digest = hashlib.sha256("\n".join(m.run for m in first).encode()).hexdigest()[:8]
-    name = f"{first[0].run}-ensemble{len(first)}-{digest}"
+    # other seeds of the same members (first_seed=3) get their own file and W&B run
+    name = seeds_name(f"{first[0].run}-ensemble{len(first)}-{digest}", list(by_seed))
     rows = []
     for seed, members in by_seed.items():
         row = evaluate_ensemble(members, test.images, test.labels, cfg.views, cfg.batch_size)
@@ -244,11 +246,12 @@ def _write(cfg: DictConfig, run: str, rows: list[dict[str, Any]]) -> None:
                "n_queries": [r["n_queries"] for r in rows], "mean": mean, "std": std,
                "mean_plain": mean_plain, "std_plain": std_plain, "rows": rows,
                "git_commit": git_commit()}
-    out = _save(cfg, run, summary)
-    print(f"{run}: {summary['mean']:.2%} ± {summary['std']:.2%} with views={cfg.views} over "
+    name = seeds_name(run, summary["seeds"])  # other seeds of a run get their own file
+    out = _save(cfg, name, summary)
+    print(f"{name}: {summary['mean']:.2%} ± {summary['std']:.2%} with views={cfg.views} over "
           f"seeds {summary['seeds']} (plain {summary['mean_plain']:.2%} ± "
           f"{summary['std_plain']:.2%}); {out}", flush=True)
-    _log(cfg, run, run, ["seed", "n_queries", "test_accuracy", "test_accuracy_plain"],
+    _log(cfg, name, run, ["seed", "n_queries", "test_accuracy", "test_accuracy_plain"],
          [[r["seed"], r["n_queries"], r["test_accuracy"], r["test_accuracy_plain"]]
           for r in rows],
          {"test_accuracy_mean": summary["mean"], "test_accuracy_std": summary["std"],

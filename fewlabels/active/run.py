@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewlabels.active import ACQUISITIONS
 from fewlabels.active.replay import REPLAY, ReplayedRound, replay_rounds, replay_tag
-from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE, round_folder
+from fewlabels.active.rounds import ROUND_FILE, SELECTION_FILE, round_folder, seeds_name
 from fewlabels.config import compose
 from fewlabels.data import load_test_set, load_train_images
 from fewlabels.data.transforms import normalize_uint8
@@ -199,12 +199,6 @@ def active_run(cfg: DictConfig, ckpt: Checkpoint, seed: int) -> ActiveRun:
     return ActiveRun(name, f"{name}-seed{seed}",
                      f"active/{base}/{cfg.algorithm.name}/{how}/b{budgets}/seed{seed}",
                      Path(cfg.checkpoint_dir) / FINETUNED_DIR / f"{name}-seed{seed}")
-
-
-def curve_name(name: str, seeds: list[int]) -> str:
-    """The results file stem of a run's seeds: the run's name for seeds 0, 1, …; another seed set
-    (``first_seed`` > 0) gets its own files rather than overwriting those."""
-    return name if seeds[0] == 0 else f"{name}-seeds{seeds[0]}-{seeds[-1]}"
 
 
 def validate_active(cfg: DictConfig) -> list[int]:
@@ -573,7 +567,7 @@ def active(cfg: DictConfig) -> dict[str, Any]:
               "Run the same command again to continue from there.", flush=True)
         return {}
     rows = curve_rows(per_seed, round_budgets(cfg))
-    name = curve_name(active_run(cfg, ckpt, seeds[0]).name, seeds)
+    name = seeds_name(active_run(cfg, ckpt, seeds[0]).name, seeds)
     out = Path(cfg.results_dir) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_curve(rows, out, name, float(cfg.target))
