@@ -40,6 +40,7 @@ from fewlabels.semisup.run import (
     seed_run,
 )
 from fewlabels.semisup.selftrain import SelfTrainSettings
+from fewlabels.semisup.simmatch import SimMatch, SimMatchSettings
 from fewlabels.semisup.softmatch import SoftMatch, SoftMatchSettings
 from fewlabels.tracking import read_offline_run
 
@@ -52,13 +53,14 @@ def finetune_config(ckpt: Path, tmp: Path, *overrides: str):
                                 f"logger.dir={tmp}", *overrides])
 
 
-def finetune_command(ckpt: Path, tmp: Path, *overrides: str) -> list[str]:
-    """``fewlabels finetune`` of one tiny FixMatch seed on 20 labels, checkpointed every 5 steps,
-    as a child process runs it (to be killed)."""
+def finetune_command(ckpt: Path, tmp: Path, *overrides: str,
+                     algorithm: str = "fixmatch") -> list[str]:
+    """``fewlabels finetune`` of one tiny seed (FixMatch unless told) on 20 labels, checkpointed
+    every 5 steps, as a child process runs it (to be killed)."""
     return [str(Path(sys.executable).parent / "fewlabels"), "finetune", "preset=tiny",
             f"checkpoint={ckpt}", f"checkpoint_dir={tmp / 'ckpt'}",
             f"results_dir={tmp / 'results'}", f"logger.dir={tmp}", "n=20", "seeds=1",
-            "algorithm=fixmatch", "trainer.steps_per_epoch=5", *overrides]
+            f"algorithm={algorithm}", "trainer.steps_per_epoch=5", *overrides]
 
 
 def tiny_learner(cls, steps: int = 10, **kwargs):
@@ -73,7 +75,7 @@ def tiny_learner(cls, steps: int = 10, **kwargs):
 def views(learner, step: int = 0):
     idx_lb, y_lb, idx_ulb = learner._draw(step)
     assert idx_ulb is not None
-    learner.ulb_idx = idx_ulb  # as training_step sets it
+    learner.lb_idx, learner.ulb_idx = idx_lb, idx_ulb  # as training_step sets them
     unlabeled = learner.pool_images[idx_ulb]
     return (learner.weak(learner.labeled_images[idx_lb]), y_lb, learner.weak(unlabeled),
             learner.strong(unlabeled))
@@ -337,6 +339,84 @@ def test_softmatch_aligns_to_uniform_and_weights_by_a_truncated_gaussian():
         tiny_learner(SoftMatch, settings=SoftMatchSettings(1.0, "ema", 0.0, 0.999, True))
 
 
+def simmatch_settings(**changes):
+    values = {"threshold": 0.95, "lambda_u": 1.0, "pseudo_label_model": "ema", "lambda_in": 1.0,
+              "temperature": 0.1, "smoothing_alpha": 0.9, "projection_dim": 16, **changes}
+    return SimMatchSettings(**values)
+
+
+def test_simmatch_without_its_bank_is_flexmatch():
+    from fewlabels.semisup import FlexMatch
+
+    torch.manual_seed(0)
+    sim = tiny_learner(SimMatch, settings=simmatch_settings(lambda_in=0.0, smoothing_alpha=1.0))
+    flex = tiny_learner(FlexMatch, settings=FixMatchSettings(0.95, 1.0, "ema"))
+    flex.model.load_state_dict(sim.model.state_dict())
+    flex.ema_model.load_state_dict(sim.ema_model.state_dict())
+    batch = views(sim)
+    flex.lb_idx, flex.ulb_idx = sim.lb_idx, sim.ulb_idx
+    sim_loss, sim_logs = sim.train_step(*batch)
+    flex_loss, flex_logs = flex.train_step(*batch)
+    assert sim_loss.item() == pytest.approx(flex_loss.item(), rel=1e-5)
+    assert torch.equal(sim.selected_label, flex.selected_label)
+    assert sim_logs["train/mask_rate"] == flex_logs["train/mask_rate"]
+
+
+def test_simmatch_propagates_the_queried_labels_through_its_bank():
+    torch.manual_seed(0)
+    learner = tiny_learner(SimMatch, settings=simmatch_settings(threshold=0.0, temperature=0.01,
+                                                               smoothing_alpha=0.5))
+    x_lb, y_lb, weak, strong = views(learner)
+    # Every queried image's vector points at its class; every weak view's at class 6. The
+    # classifier prefers class 0 for all of them, but by a little.
+    dim = learner.settings.projection_dim
+    learner.bank.copy_(torch.eye(dim)[learner.labels])
+    learner.bank_filled.fill_(True)
+    probs = torch.full((len(weak), 10), 0.8 / 9)
+    probs[:, 0] = 0.2
+    towards_6 = torch.eye(dim)[torch.full((len(weak),), 6)]
+    learner.teacher_outputs = lambda x: (probs[:len(x)], towards_6[:len(x)])
+    loss, logs = learner.train_step(x_lb, y_lb, weak, strong)
+    # Aggregation: the similarities all fall on class-6 images, so half the pseudo-label's
+    # probability is class 6's and it wins over the classifier's mild preference for class 0.
+    assert logs["pseudo/class_6"].item() == 1.0 and logs["train/mask_rate"].item() == 1.0
+    assert torch.isfinite(loss) and logs["train/loss_in"].item() > 0
+    # The bank's rows of this step's labeled images now hold the EMA model's vectors of them.
+    assert torch.equal(learner.bank[learner.lb_idx], towards_6[:len(learner.lb_idx)])
+    untouched = torch.ones(len(learner.labels), dtype=torch.bool)
+    untouched[learner.lb_idx] = False
+    assert torch.equal(learner.bank[untouched], torch.eye(dim)[learner.labels[untouched]])
+
+    # The instance term trains the projection head; the EMA one follows it; both are state.
+    loss.backward()
+    assert all(p.grad is not None for p in learner.projector.parameters())
+    before = [p.detach().clone() for p in learner.ema_projector.parameters()]
+    torch.optim.SGD(learner.projector.parameters(), lr=0.1).step()
+    learner._update_ema()
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.ema_projector.parameters(),
+                                                     strict=True))
+    trained = {id(p) for group in learner.configure_optimizers()["optimizer"].param_groups
+               for p in group["params"]}
+    assert {id(p) for p in learner.projector.parameters()} <= trained
+    assert {"bank", "bank_filled", "projector.0.weight", "ema_projector.2.bias"} <= \
+        set(learner.state_dict())
+    with pytest.raises(ValueError, match="use 'ema'"):
+        tiny_learner(SimMatch, settings=simmatch_settings(pseudo_label_model="online"))
+
+
+def test_simmatch_fills_its_bank_once_with_unit_vectors():
+    learner = tiny_learner(SimMatch, settings=simmatch_settings())
+    assert not learner.bank_filled
+    learner.train_step(*views(learner))
+    assert learner.bank_filled
+    assert torch.allclose(learner.bank.norm(dim=1), torch.ones(len(learner.labels)))
+    filled = learner.bank.clone()
+    learner.train_step(*views(learner, step=1))  # not filled again: only the batch's rows change
+    changed = (learner.bank != filled).any(dim=1)
+    assert changed.any() and set(changed.nonzero().flatten().tolist()) <= \
+        set(learner.lb_idx.tolist())
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "algorithm").glob("*.yaml")))
 def test_every_algorithm_config_builds_its_learner_and_steps(name, tmp_path):
     from fewlabels.semisup import ALGORITHMS
@@ -350,7 +430,7 @@ def test_every_algorithm_config_builds_its_learner_and_steps(name, tmp_path):
     assert type(learner) is ALGORITHMS[name][0]
     step = learner.optim.total_steps - 1  # past any labels-only phase
     idx_lb, y_lb, idx_ulb = learner._draw(step)
-    learner.ulb_idx = idx_ulb
+    learner.lb_idx, learner.ulb_idx = idx_lb, idx_ulb
     unlabeled = None if idx_ulb is None else learner.pool_images[idx_ulb]
     loss, _ = learner.train_step(
         learner.weak(learner.labeled_images[idx_lb]), y_lb,
@@ -475,15 +555,17 @@ def test_report_wall_time_counts_every_invocation_of_a_resumed_run(tmp_path):
     assert row["wall_min"] == pytest.approx((600 + 60) / 2 / 60)
 
 
+# SimMatch too: its bank, its projection heads and FlexMatch's curriculum are state to carry.
+@pytest.mark.parametrize("algorithm", ["fixmatch", "simmatch"])
 def test_a_killed_and_resumed_run_ends_with_the_model_of_one_never_stopped(tiny_checkpoint,
                                                                           tmp_path,
                                                                           subprocess_env,
-                                                                          kill_when):
+                                                                          kill_when, algorithm):
     """Every step's batches and views are drawn from (seed, step) alone: a run killed and
     resumed from its last.ckpt ends with the same classifier, bit for bit, as one never stopped."""
     from safetensors.torch import load_file
 
-    args = finetune_command(tiny_checkpoint, tmp_path, "trainer.steps=60")
+    args = finetune_command(tiny_checkpoint, tmp_path, "trainer.steps=60", algorithm=algorithm)
     env = subprocess_env(WANDB_MODE="disabled")
     kill_when([*args, "run_tag=killed-"],
               lambda: any((tmp_path / "ckpt" / "finetuned").glob("killed-*/last.ckpt")), env,

@@ -15,6 +15,7 @@ from fewlabels.semisup.base import BatchSettings, Learner, OptimizerSettings
 from fewlabels.semisup.fixmatch import FixMatch, FixMatchSettings
 from fewlabels.semisup.flexmatch import FlexMatch
 from fewlabels.semisup.selftrain import SelfTrain, SelfTrainSettings
+from fewlabels.semisup.simmatch import SimMatch, SimMatchSettings
 from fewlabels.semisup.softmatch import SoftMatch, SoftMatchSettings
 from fewlabels.semisup.supervised import Supervised
 
@@ -34,6 +35,13 @@ def _softmatch(cfg: Any) -> dict[str, Any]:
                                           bool(cfg.uniform_alignment))}
 
 
+def _simmatch(cfg: Any) -> dict[str, Any]:
+    return {"settings": SimMatchSettings(float(cfg.threshold), float(cfg.lambda_u),
+                                         str(cfg.pseudo_label_model), float(cfg.lambda_in),
+                                         float(cfg.temperature), float(cfg.smoothing_alpha),
+                                         int(cfg.projection_dim))}
+
+
 def _selftrain(cfg: Any) -> dict[str, Any]:
     return {"settings": SelfTrainSettings(float(cfg.teacher_fraction), int(cfg.generations),
                                           float(cfg.temperature), float(cfg.lambda_u))}
@@ -48,9 +56,10 @@ ALGORITHMS: dict[str, tuple[type[Learner], Callable[[Any], dict[str, Any]]]] = {
     "fixmatch": (FixMatch, _fixmatch),
     "flexmatch": (FlexMatch, _fixmatch),
     "softmatch": (SoftMatch, _softmatch),
+    "simmatch": (SimMatch, _simmatch),
     "selftrain": (SelfTrain, _selftrain),
     DISTILL: (SelfTrain, _selftrain),
 }
 
 __all__ = ["ALGORITHMS", "DISTILL", "BatchSettings", "FixMatch", "FlexMatch", "Learner",
-           "OptimizerSettings", "SelfTrain", "SoftMatch", "Supervised"]
+           "OptimizerSettings", "SelfTrain", "SimMatch", "SoftMatch", "Supervised"]

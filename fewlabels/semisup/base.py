@@ -75,6 +75,7 @@ class Learner(pl.LightningModule):
         self.labeled_images, self.labels, self.pool_images = labeled_images, labels, pool_images
         self._last_batch_end: float | None = None
         self.start_step = 0
+        self.lb_idx: torch.Tensor | None = None
         self.ulb_idx: torch.Tensor | None = None
 
     # -- what an algorithm writes --------------------------------------------------------------
@@ -125,7 +126,7 @@ class Learner(pl.LightningModule):
         idx_lb, y_lb, idx_ulb = self._draw(self.global_step)
         x_lb = self._format(self.weak(self.labeled_images[idx_lb].to(self.device)))
         x_weak = x_strong = None
-        self.ulb_idx = idx_ulb  # which pool images this step's unlabeled views are of
+        self.lb_idx, self.ulb_idx = idx_lb, idx_ulb  # which images this step's views are of
         if idx_ulb is not None:
             unlabeled = self.pool_images[idx_ulb].to(self.device)
             x_weak, x_strong = self._format(self.weak(unlabeled)), self._format(
@@ -154,20 +155,27 @@ class Learner(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_batch_end = None
 
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, EMA) module pairs, as solo-learn's: the online modules are what the optimizer
+        trains, the EMA ones follow them. An algorithm with a training-only module (a projection
+        head) adds its pair; only the classifier is evaluated and saved."""
+        return [(self.model, self.ema_model)]
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = ema_decay_at(self.global_step, self.ema_decay)
-        ema_params = list(self.ema_model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()],
-                             1.0 - decay)
-        for ema_buf, buf in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
-            ema_buf.copy_(buf)  # BatchNorm statistics: the online model's, never step 0's
+        for online, ema in self.momentum_pairs():
+            torch._foreach_lerp_(list(ema.parameters()),
+                                 [p.detach() for p in online.parameters()], 1.0 - decay)
+            for ema_buf, buf in zip(ema.buffers(), online.buffers(), strict=True):
+                ema_buf.copy_(buf)  # BatchNorm statistics: the online model's, never step 0's
 
     def configure_optimizers(self) -> Any:
         o = self.optim
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        for online, _ in self.momentum_pairs():
+            for name, p in online.named_parameters():
+                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         optimizer = torch.optim.SGD(
             [{"params": decay, "weight_decay": o.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],

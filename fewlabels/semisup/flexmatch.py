@@ -38,7 +38,9 @@ class FlexMatch(FixMatch):
                 pseudo.cpu()[confident].to(self.selected_label.device)
         return mask
 
+    def threshold_logs(self) -> dict[str, Any]:
+        return {f"threshold/class_{c}": t for c, t in enumerate(self.class_thresholds())}
+
     def train_step(self, *args: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, logs = super().train_step(*args)
-        thresholds = self.class_thresholds()
-        return loss, {**logs, **{f"threshold/class_{c}": t for c, t in enumerate(thresholds)}}
+        return loss, {**logs, **self.threshold_logs()}
