@@ -58,9 +58,13 @@ class SimMatch(FlexMatch):
         self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(),
                                        nn.Linear(width, settings.projection_dim))
         self.ema_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        # State (buffers), so that a resumed run continues with the bank it had.
+        # State (a buffer), so that a resumed run continues with the bank it had. All zeros until
+        # it is filled: its rows are unit vectors from then on.
         self.register_buffer("bank", torch.zeros(len(self.labels), settings.projection_dim))
-        self.register_buffer("bank_filled", torch.tensor(False))
+
+    @property
+    def bank_filled(self) -> bool:
+        return bool(self.bank.any())
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [*super().momentum_pairs(), (self.projector, self.ema_projector)]
@@ -87,7 +91,6 @@ class SimMatch(FlexMatch):
             chunk = self.labeled_images[start:start + batch_size].to(self.device)
             _, vectors = self.teacher_outputs(self._format(self.weak(chunk)))
             self.bank[start:start + len(chunk)] = vectors
-        self.bank_filled.fill_(True)
 
     def train_step(self, x_lb: torch.Tensor, y_lb: torch.Tensor, x_ulb_weak: torch.Tensor | None,
                    x_ulb_strong: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
