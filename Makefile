@@ -22,6 +22,9 @@ CKPT     ?=
 ARGS     ?=
 RUNS     ?=
 VIEWS    ?= flip
+# A new .venv with torch 2.14.1 / torchvision 0.29.1 (a CUDA build on x86_64) and the package's
+# dependencies: 6,088 MB (`du -sm .venv`, session 66). `make setup` stops first when less is free.
+SETUP_MIN_FREE_GB ?= 7
 comma    := ,
 space    := $(subst ,, )
 CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
@@ -29,16 +32,30 @@ CKPT_ARG  = $(if $(CKPT),checkpoint=$(CKPT))
 LEARNER  ?=
 LEARNER_ARG = $(if $(LEARNER),learner=$(LEARNER))
 
-.PHONY: setup data postgres keep test lint pretrain finetune active report evaluate probe curve search stats bench-pretrain \
+.PHONY: setup check-space data postgres keep test lint pretrain finetune active report evaluate probe curve search stats bench-pretrain \
 	bench-precision bench-finetune bench-capacity bench-probcover gpu-pack gpu-unpack
 
 setup: $(VENV)/.installed data postgres
 
 $(VENV)/.installed: pyproject.toml
+	@$(MAKE) --no-print-directory check-space
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+# Before the first install into $(VENV) (no torch there yet): a clear stop instead of pip's
+# "No space left on device" halfway through. SETUP_MIN_FREE_GB=0 skips it.
+check-space:
+	@case "$(SETUP_MIN_FREE_GB)" in ""|*[!0-9]*) \
+		echo "check-space: SETUP_MIN_FREE_GB=$(SETUP_MIN_FREE_GB): give a whole number of GB (0 skips the check)"; \
+		exit 2;; esac; \
+	if ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1; then exit 0; fi; \
+	dir="$(abspath $(VENV))"; while [ ! -d "$$dir" ]; do dir="$$(dirname "$$dir")"; done; \
+	free_gb="$$(df -Pk "$$dir" | awk 'NR == 2 {print int($$4 / 1048576)}')"; \
+	if [ "$$free_gb" -lt "$(SETUP_MIN_FREE_GB)" ]; then \
+		echo "make setup: $$free_gb GB free on the disk of $$dir; torch, torchvision and the package take about 6 GB in $(VENV), so setup needs $(SETUP_MIN_FREE_GB) GB free. Free space there (old clones and their .venv, \`pip cache purge\`) and rerun make setup, or give SETUP_MIN_FREE_GB=0 to skip this check."; \
+		exit 2; fi
 
 # The Debian package when we can install it; otherwise the loader downloads the official files.
 data: $(VENV)/.installed
