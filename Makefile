@@ -37,8 +37,7 @@ LEARNER_ARG = $(if $(LEARNER),learner=$(LEARNER))
 
 setup: $(VENV)/.installed data postgres
 
-$(VENV)/.installed: pyproject.toml
-	@$(MAKE) --no-print-directory check-space
+$(VENV)/.installed: pyproject.toml | check-space
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
